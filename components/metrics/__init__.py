@@ -1,0 +1,56 @@
+"""Multi-label ranking metrics (the CXR-LT ones), computed with scikit-learn.
+
+Classes with no positive (or no negative) in the evaluated set have an undefined AP/AUROC;
+they are reported as NaN and left out of the macro averages, as in the CXR-LT evaluation.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+GROUPS = ("head", "medium", "tail")
+
+
+def per_class_ap(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    return _per_class(average_precision_score, probs, targets, mask, need_negative=False)
+
+
+def per_class_auroc(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    return _per_class(roc_auc_score, probs, targets, mask, need_negative=True)
+
+
+def _per_class(fn, probs, targets, mask, need_negative: bool) -> np.ndarray:
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
+    if probs.shape != targets.shape or probs.ndim != 2:
+        raise ValueError(f"probs {probs.shape} and targets {targets.shape} must both be (N, C)")
+    out = np.full(probs.shape[1], np.nan)
+    for c in range(probs.shape[1]):
+        keep = np.ones(len(probs), bool) if mask is None else np.asarray(mask)[:, c] > 0
+        t = targets[keep, c] > 0.5
+        if t.sum() == 0 or (need_negative and t.sum() == len(t)):
+            continue
+        out[c] = fn(t, probs[keep, c])
+    return out
+
+
+def nanmean(values) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else math.nan
+
+
+def multilabel_metrics(
+    probs: np.ndarray, targets: np.ndarray, groups: Sequence[str] | None = None,
+    mask: np.ndarray | None = None,
+) -> dict:
+    """Macro mAP, macro AUROC, per-class AP and (when ``groups`` given) head/medium/tail mAP."""
+    ap = per_class_ap(probs, targets, mask)
+    out = {"mAP": nanmean(ap), "AUROC": nanmean(per_class_auroc(probs, targets, mask)), "per_class_ap": ap}
+    if groups is not None:
+        g = np.asarray(groups)
+        for name in GROUPS:
+            out[f"mAP_{name}"] = nanmean(ap[g == name]) if (g == name).any() else math.nan
+    return out

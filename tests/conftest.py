@@ -1,0 +1,24 @@
+"""Shared fixtures. Ray-based tests share one local Ray cluster per session (see ray_cluster)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RALFLOW = str(Path(sys.executable).with_name("ralflow"))
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, module: str | None = None):
+    """Run ``ralflow ARGS`` (or ``python -m MODULE ARGS``) in a fresh process; return the result."""
+    cmd = [sys.executable, "-m", module, *args] if module else [RALFLOW, *args]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,39 @@
+"""The ralflow command contract: help, losses listing, module entrypoints, one-line errors."""
+from __future__ import annotations
+
+import json
+
+
+def test_help_lists_subcommands(cli):
+    r = cli("--help")
+    assert r.returncode == 0
+    for sub in ("losses", "demo"):
+        assert sub in r.stdout
+
+
+def test_losses_lists_every_loss_with_defaults(cli):
+    r = cli("losses")
+    assert r.returncode == 0, r.stderr
+    assert "ral " in r.stdout and "hill_form = 'code'" in r.stdout and "class_counts (required)" in r.stdout
+    listed = json.loads(cli("--json", module="workflows.losses").stdout)
+    assert [e["name"] for e in listed] == ["bce", "focal", "asl", "hill", "apl", "ral", "poly1", "cb", "db"]
+
+
+def test_demo_runs_and_prints_table(cli):
+    r = cli("demo", "--num-train", "3000", "--num-test", "2000", "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("loss"))
+    rows = {l.split()[0]: [float(v) for v in l.split()[1:]] for l in lines[header + 1 :] if l.strip()}
+    assert set(rows) == {"bce", "asl", "ral"}
+    assert all(0.0 < v[0] <= 1.0 for v in rows.values())  # macro mAP is a probability-like score
+
+
+def test_user_mistake_is_one_line_error(cli):
+    r = cli("demo", "--losses", "bce,nope")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "ralflow demo: error: unknown loss 'nope'; registered losses: bce, focal, asl, hill, apl, ral, poly1, cb, db"
+    ]
+    r = cli("demo", "--loss-param", "ral.lamb=0.2")
+    assert r.returncode == 2 and "lamb >= 1" in r.stderr and "Traceback" not in r.stderr
