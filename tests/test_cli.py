@@ -7,7 +7,7 @@ import json
 def test_help_lists_subcommands(cli):
     r = cli("--help")
     assert r.returncode == 0
-    for sub in ("losses", "demo"):
+    for sub in ("losses", "demo", "synth", "prepare"):
         assert sub in r.stdout
 
 

@@ -12,6 +12,8 @@ from workflows.common import execute
 COMMANDS = {
     "losses": "workflows.losses",
     "demo": "workflows.demo",
+    "synth": "workflows.synth",
+    "prepare": "workflows.prepare",
 }
 
 

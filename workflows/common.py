@@ -45,7 +45,11 @@ def _fail(prog: str, exc: BaseException) -> None:
 
 
 def main_for(module_name: str, argv: list[str] | None = None) -> int:
-    module = importlib.import_module(module_name)
+    if module_name == "__main__":  # run as `python -m workflows.X`: use its real name
+        module = sys.modules["__main__"]
+        module_name = module.__spec__.name if module.__spec__ else module_name
+    else:
+        module = importlib.import_module(module_name)
     prog = f"python -m {module_name}"
     args = build_parser(module, prog).parse_args(argv)
     return execute(module, args, prog)

@@ -1,0 +1,212 @@
+"""Synthetic stand-in for CXR-LT 2023, written in the real format (CSV columns, MIMIC-like folder
+tree, JPEG files) so the real reader path is exercised end to end.
+
+Images are chest-X-ray-like grayscale pictures (body outline, lung fields, mediastinum, spine,
+noise, varying exposure). Each of the 26 findings adds a localized visual signature of its own
+(position, shape, texture, strength), some weak enough to be hard; labels follow the CXR-LT 2023
+training frequencies with realistic co-occurrence ("No Finding" only with "Support Devices").
+Everything is a deterministic function of the seed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .labels import CXR_LT_2023_COUNTS, CXR_LT_2023_NUM_TRAIN
+
+LABELS = tuple(CXR_LT_2023_COUNTS)
+NO_FINDING = LABELS.index("No Finding")
+SUPPORT_DEVICES = LABELS.index("Support Devices")
+META_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "path")
+
+# Findings that tend to co-occur (a shared latent factor per group), as on real chest films.
+CO_OCCURRENCE_GROUPS = (
+    ("Cardiomegaly", "Edema", "Pleural Effusion", "Enlarged Cardiomediastinum"),
+    ("Atelectasis", "Lung Opacity", "Consolidation", "Pneumonia", "Infiltration"),
+    ("Mass", "Nodule", "Lung Lesion"),
+    ("Pneumothorax", "Subcutaneous Emphysema", "Pneumomediastinum", "Fracture"),
+    ("Calcification of the Aorta", "Tortuous Aorta", "Emphysema", "Fibrosis"),
+)
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    num_images: int = 2000
+    image_size: int = 256
+    seed: int = 0
+    label_noise: float = 0.02
+    val_fraction: float = 0.2
+    jpeg_quality: int = 90
+    workers: int = 0  # 0 = os.cpu_count()
+
+
+def draw_labels(n: int, rng: np.random.Generator, label_noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, noisy) 0/1 label matrices (n, 26) at the CXR-LT 2023 training frequencies."""
+    prev = np.array([CXR_LT_2023_COUNTS[k] for k in LABELS]) / CXR_LT_2023_NUM_TRAIN
+    p_nf = prev[NO_FINDING]
+    # Among abnormal images the other findings are more frequent by 1 / (1 - p_nf).
+    p_abn = np.clip(prev / (1 - p_nf), 1e-4, 0.95)
+    z = rng.standard_normal((n, len(LABELS)))
+    for group in CO_OCCURRENCE_GROUPS:
+        idx = [LABELS.index(g) for g in group]
+        shared = rng.standard_normal((n, 1))
+        z[:, idx] = 0.6 * shared + 0.8 * z[:, idx]  # unit variance, correlation 0.36
+    from statistics import NormalDist
+
+    thresholds = np.array([NormalDist().inv_cdf(1 - p) for p in p_abn])
+    y = (z > thresholds).astype(np.float32)
+    normal = rng.random(n) < p_nf
+    y[normal] = 0
+    # Support devices appear on normal films too.
+    y[normal, SUPPORT_DEVICES] = (rng.random(normal.sum()) < prev[SUPPORT_DEVICES]).astype(np.float32)
+    y[:, NO_FINDING] = normal.astype(np.float32)
+    # An abnormal image with nothing drawn gets its single most likely finding.
+    empty = ~normal & (np.delete(y, [NO_FINDING, SUPPORT_DEVICES], axis=1).sum(1) == 0)
+    cand = np.array([i for i in range(len(LABELS)) if i not in (NO_FINDING, SUPPORT_DEVICES)])
+    pick = cand[np.argmax(z[empty][:, cand] - thresholds[cand], axis=1)]
+    y[np.flatnonzero(empty), pick] = 1
+    noisy = y.copy()
+    if label_noise > 0:
+        drop = (rng.random(y.shape) < label_noise) & (y == 1)  # missed findings
+        add = (rng.random(y.shape) < label_noise * prev) & (y == 0) & ~normal[:, None]  # spurious ones
+        noisy[drop] = 0
+        noisy[add] = 1
+        noisy[:, NO_FINDING] = y[:, NO_FINDING]  # keep the "No Finding" contract intact
+    return y, noisy
+
+
+class ChestRenderer:
+    """Draws one synthetic chest film; finding signatures are fixed per class."""
+
+    def __init__(self, size: int, seed: int = 12345) -> None:
+        self.size = size
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        self.xx, self.yy = xx, yy
+        g = np.random.default_rng(seed)
+        # per-class signature: centre (inside a lung field or the mediastinum), radius, kind, strength
+        self.sig = []
+        for c in range(len(LABELS)):
+            side = g.choice([0.33, 0.67])
+            cx, cy = side + g.uniform(-0.08, 0.08), g.uniform(0.3, 0.75)
+            kind = c % 4  # 0 blob, 1 ring, 2 stripes, 3 speckle
+            strength = g.uniform(0.10, 0.35)
+            radius = g.uniform(0.05, 0.12)
+            self.sig.append((cx, cy, radius, kind, strength, g.uniform(20, 40)))
+
+    def render(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        xx, yy = self.xx, self.yy
+        jx, jy = rng.normal(0, 0.015, 2)
+        body = np.exp(-(((xx - 0.5 - jx) / 0.42) ** 2 + ((yy - 0.55 - jy) / 0.55) ** 2) ** 3)
+        img = 0.15 + 0.55 * body
+        heart_w = 0.11 * (1.5 if labels[LABELS.index("Cardiomegaly")] else 1.0)
+        for side in (0.32, 0.68):  # lung fields (dark)
+            lung = np.exp(-(((xx - side - jx) / 0.13) ** 2 + ((yy - 0.5 - jy) / 0.27) ** 2) ** 2)
+            img -= 0.35 * lung
+        img += 0.25 * np.exp(-(((xx - 0.5 - jx) / 0.05) ** 2))  # spine / mediastinum
+        img += 0.2 * np.exp(-(((xx - 0.53 - jx) / heart_w) ** 2 + ((yy - 0.68 - jy) / 0.12) ** 2) ** 2)  # heart
+        for c in np.flatnonzero(labels):
+            if c in (NO_FINDING, LABELS.index("Cardiomegaly")):
+                continue
+            cx, cy, r, kind, strength, freq = self.sig[c]
+            cx, cy = cx + rng.normal(0, 0.02) + jx, cy + rng.normal(0, 0.02) + jy
+            r = r * rng.uniform(0.8, 1.25)
+            d2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / r**2
+            if kind == 0:
+                patch = np.exp(-d2)
+            elif kind == 1:
+                patch = np.exp(-((np.sqrt(d2) - 0.8) ** 2) / 0.05)
+            elif kind == 2:
+                patch = np.exp(-d2) * (0.5 + 0.5 * np.sin(freq * (xx + yy)))
+            else:
+                patch = np.exp(-d2) * (rng.random(xx.shape) > 0.7)
+            img += strength * patch
+        exposure = rng.uniform(0.8, 1.2)
+        gamma = rng.uniform(0.85, 1.15)
+        img = np.clip(img * exposure, 0, 1) ** gamma
+        img += rng.normal(0, 0.03, img.shape)
+        return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def _render_chunk(args) -> None:
+    size, quality, seed, items = args
+    renderer = ChestRenderer(size)
+    for index, path, labels in items:
+        rng = np.random.default_rng([seed, index])
+        arr = renderer.render(labels, rng)
+        buf = io.BytesIO()
+        Image.fromarray(arr, mode="L").save(buf, format="JPEG", quality=quality)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+
+
+def write_synthetic_cxr_lt(out: str | Path, opts: SynthOptions, progress=print) -> dict:
+    """Write ``train.csv``, ``development.csv`` and JPEGs under ``out``; return a summary."""
+    if opts.num_images < 10:
+        raise ValueError(f"--num-images must be >= 10, got {opts.num_images}")
+    if not 32 <= opts.image_size <= 2048:
+        raise ValueError(f"--image-size must be in [32, 2048], got {opts.image_size}")
+    if not 0 <= opts.label_noise < 0.5:
+        raise ValueError(f"label noise must be in [0, 0.5), got {opts.label_noise}")
+    out = Path(out)
+    rng = np.random.default_rng(opts.seed)
+    n = opts.num_images
+    clean, noisy = draw_labels(n, rng, opts.label_noise)
+    # several images per patient (1-4), each with its own study
+    subjects, studies, views = [], [], []
+    subject = 10_000_000 + int(rng.integers(0, 1_000_000))
+    while len(subjects) < n:
+        k = int(rng.integers(1, 5))
+        subject += int(rng.integers(1, 50))
+        study = 50_000_000 + int(rng.integers(0, 40_000_000))
+        for j in range(k):
+            subjects.append(subject)
+            studies.append(study + j)
+            views.append(rng.choice(["PA", "AP", "AP", "PA", "LATERAL"]))
+    subjects, studies, views = subjects[:n], studies[:n], views[:n]
+    uniq = sorted(set(subjects))
+    val_patients = set(np.array(uniq)[rng.random(len(uniq)) < opts.val_fraction].tolist())
+    rows = {"train": [], "development": []}
+    items = []
+    for i in range(n):
+        dicom = f"{rng.integers(0, 16**8):08x}-{rng.integers(0, 16**8):08x}-{rng.integers(0, 16**8):08x}-{i:06d}"
+        rel = f"files/p{str(subjects[i])[:2]}/p{subjects[i]}/s{studies[i]}/{dicom}.jpg"
+        split = "development" if subjects[i] in val_patients else "train"
+        rows[split].append([dicom, subjects[i], studies[i], views[i], rel, *noisy[i].astype(int).tolist()])
+        items.append((i, str(out / rel), clean[i]))  # the picture shows the truth; the CSV is noisy
+    for _, p, _ in items:
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+    workers = opts.workers or os.cpu_count() or 1
+    chunk = max(1, min(200, n // (workers * 4) or 1))
+    chunks = [(opts.image_size, opts.jpeg_quality, opts.seed, items[i : i + chunk]) for i in range(0, n, chunk)]
+    done = 0
+    if workers == 1:
+        for c in chunks:
+            _render_chunk(c)
+            done += len(c[3])
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for c, _ in zip(chunks, pool.map(_render_chunk, chunks)):
+                done += len(c[3])
+                if progress and (done == n or done % max(chunk, n // 10) < chunk):
+                    progress(f"synth: {done}/{n} images")
+    header = [*META_COLUMNS, *LABELS]
+    for split, split_rows in rows.items():
+        tmp = out / f"{split}.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(split_rows)
+        os.replace(tmp, out / f"{split}.csv")
+    prevalence = noisy.mean(0)
+    return {"train": len(rows["train"]), "development": len(rows["development"]),
+            "labels_per_image": float(noisy.sum(1).mean()),
+            "prevalence": dict(zip(LABELS, prevalence.round(4).tolist()))}

@@ -1,0 +1,216 @@
+"""Data layer: readers on tiny real-format files, label policies, path safety, bad input,
+atomic/resumable shards, manifest contents, synth determinism."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from components.data.labels import CHEXPERT, CXR_LT_2023_COUNTS, NIH, LabelPolicy, frequency_groups
+from components.data.prepare import PrepareOptions, load_manifest, prepare_dataset, sha256_file
+from components.data.readers import read_source
+from components.data.synth import LABELS, SynthOptions, draw_labels, write_synthetic_cxr_lt
+from components.errors import UserError
+
+from . import formats
+
+QUIET = dict(log=lambda *_: None)
+
+
+def test_cxr_lt_2023_reader_finds_labels_by_name(tmp_path):
+    truth = formats.cxr_lt_2023(tmp_path)
+    t = read_source("cxr-lt-2023", tmp_path)
+    assert t.label_names == tuple(CXR_LT_2023_COUNTS)
+    assert t.split.count("train") == 6 and t.split.count("val") == 3
+    for i, image_id in enumerate(t.image_id):
+        assert t.labels[i] == truth[image_id]
+    assert all(Path(p).is_file() and p.startswith(str(tmp_path)) for p in t.path)
+    assert t.patient_id[0] == t.patient_id[1]  # two images per patient in the fixture
+
+
+def test_cxr_lt_2024_reader_uses_fpath(tmp_path):
+    formats.cxr_lt_2024(tmp_path)
+    t = read_source("cxr-lt-2024", tmp_path)
+    assert len(t.label_names) == 40 and "Normal" in t.label_names and "No Finding" not in t.label_names
+    assert t.split == ["train", "train", "train", "val"]
+    assert t.labels[1][1] == 1.0 and sum(t.labels[1]) == 1.0
+
+
+def test_nih_reader_pipe_labels_and_lookup(tmp_path):
+    formats.nih(tmp_path)
+    t = read_source("nih", tmp_path)
+    row = t.image_id.index("00000001_000.png")
+    assert [n for n, v in zip(NIH, t.labels[row]) if v] == ["Cardiomegaly", "Effusion"]
+    assert sum(t.labels[t.image_id.index("00000001_001.png")]) == 0  # No Finding
+    assert t.split[t.image_id.index("00000003_000.png")] == "test"
+    assert t.path[t.image_id.index("00000002_000.png")].endswith("images_002/images/00000002_000.png")
+    # the two images of patient 1 share a split (patient-level split)
+    assert t.split[0] == t.split[1]
+
+
+@pytest.mark.parametrize(
+    "policy,uncertain,blank",
+    [("ones", (1.0, 1.0), (1.0, 1.0)), ("zeros", (0.0, 1.0), (0.0, 1.0)), ("ignore", (0.0, 0.0), (0.0, 0.0))],
+)
+def test_chexpert_uncertainty_policies(tmp_path, policy, uncertain, blank):
+    formats.chexpert(tmp_path)
+    t = read_source("chexpert", tmp_path, LabelPolicy(uncertain=policy, blank=policy))
+    assert t.label_names == CHEXPERT and t.split.count("val") == 2
+    # fixture row 0: column k holds "1.0", "-1.0", "", "0.0" for k % 4 == 0, 1, 2, 3
+    assert (t.labels[0][0], t.mask[0][0]) == (1.0, 1.0)
+    assert (t.labels[0][1], t.mask[0][1]) == uncertain
+    assert (t.labels[0][2], t.mask[0][2]) == blank
+    assert (t.labels[0][3], t.mask[0][3]) == (0.0, 1.0)
+    assert t.patient_id[0] == "patient00000"
+
+
+def test_label_policy_rejects_other_values():
+    with pytest.raises(ValueError, match="not one of"):
+        LabelPolicy().convert("2")
+    with pytest.raises(ValueError, match="not a number"):
+        LabelPolicy().convert("yes")
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "files/../../outside.jpg", "/etc/passwd"])
+def test_paths_escaping_the_root_are_refused(tmp_path, bad):
+    formats.cxr_lt_2023(tmp_path)
+    rows = list(csv.reader(open(tmp_path / "train.csv")))
+    rows[3][4] = bad
+    formats.write_csv(tmp_path / "train.csv", rows[0], rows[1:])
+    with pytest.raises(UserError, match=r"train.csv:4, column 'path'.*(escapes|absolute)"):
+        read_source("cxr-lt-2023", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda rows: [r[:4] + r[5:] for r in rows], r"train.csv: missing column\(s\) 'path'"),
+        (lambda rows: rows[:2] + [rows[2][:-1] + ["maybe"]] + rows[3:], r"train.csv:3, column 'Atelectasis'.*not a number"),
+        (lambda rows: rows + [rows[1]], r"train.csv:8, column 'dicom_id': duplicate id 'd0000' \(first seen at .*train.csv:2\)"),
+    ],
+)
+def test_malformed_csv_fails_before_any_work(tmp_path, edit, match):
+    src, out = tmp_path / "src", tmp_path / "out"
+    formats.cxr_lt_2023(src)
+    rows = list(csv.reader(open(src / "train.csv")))
+    rows = edit(rows)
+    formats.write_csv(src / "train.csv", rows[0], rows[1:])
+    with pytest.raises(UserError, match=match):
+        prepare_dataset(PrepareOptions("cxr-lt-2023", str(src), image_size=32), out, **QUIET)
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_nih_unknown_finding_names_row(tmp_path):
+    formats.nih(tmp_path)
+    text = (tmp_path / "Data_Entry_2017.csv").read_text().replace("Hernia", "Hernai")
+    (tmp_path / "Data_Entry_2017.csv").write_text(text)
+    with pytest.raises(UserError, match=r"Data_Entry_2017.csv:4, column 'Finding Labels'.*Hernai"):
+        read_source("nih", tmp_path)
+
+
+def opts(src, **kw):
+    return PrepareOptions("cxr-lt-2023", str(src), **{"image_size": 32, "rows_per_shard": 2, "row_group_size": 1, **kw})
+
+
+def test_bad_images_are_rejected_and_the_rest_kept(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    formats.cxr_lt_2023(src)
+    t = read_source("cxr-lt-2023", src)
+    os.remove(t.path[1])                                   # missing
+    data = Path(t.path[2]).read_bytes()
+    Path(t.path[2]).write_bytes(data[: len(data) // 3])    # truncated
+    Path(t.path[4]).write_bytes(b"not an image at all")    # undecodable
+    m = prepare_dataset(opts(src), out, **QUIET)
+    rejects = list(csv.DictReader(open(out / "rejects.csv")))
+    assert [r["image_id"] for r in rejects] == [t.image_id[1], t.image_id[2], t.image_id[4]]
+    assert rejects[0]["reason"] == "missing file" and rejects[0]["origin"].endswith("train.csv:3")
+    assert rejects[1]["reason"].startswith("undecodable") and rejects[2]["reason"].startswith("undecodable")
+    assert m["num_rejects"] == 3 and m["splits"]["train"]["num_images"] == 3 and m["splits"]["val"]["num_images"] == 3
+    kept = pq.read_table([out / s["path"] for s in m["shards"]]).column("image_id").to_pylist()
+    assert sorted(kept) == sorted(set(t.image_id) - {r["image_id"] for r in rejects})
+    # --strict fails instead, and leaves no manifest behind
+    with pytest.raises(UserError, match=r"train.csv:3.*missing file.*--strict"):
+        prepare_dataset(opts(src, strict=True), tmp_path / "strict", **QUIET)
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
+def test_manifest_contents_and_shards(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    truth = formats.cxr_lt_2023(src)
+    m = prepare_dataset(opts(src), out, **QUIET)
+    assert m == load_manifest(out)
+    assert m["label_names"] == list(CXR_LT_2023_COUNTS) and m["image_size"] == 32
+    train_ids = [k for k in truth if not k.startswith("d01")]
+    want_counts = np.array([truth[k] for k in train_ids]).sum(0)
+    assert list(m["splits"]["train"]["class_counts"].values()) == want_counts.astype(int).tolist()
+    assert list(m["groups"].values()) == frequency_groups(want_counts.tolist(), len(train_ids))
+    assert sum(s["num_rows"] for s in m["shards"]) == 9 and len(m["shards"]) == 5  # 3 train + 2 val shards of <= 2
+    for s in m["shards"]:
+        f = pq.ParquetFile(out / s["path"])
+        assert f.metadata.num_rows == s["num_rows"] and sha256_file(out / s["path"]) == s["sha256"]
+        assert f.metadata.num_row_groups == s["num_rows"]  # row_group_size=1
+    assert m["options"]["image_size"] == 32 and m["source"]["format"] == "cxr-lt-2023"
+    row = pq.read_table(out / "train-00000.parquet").to_pylist()[0]
+    assert row["labels"] == truth[row["image_id"]] and row["mask"] == [1.0] * 26
+    from PIL import Image
+    import io
+    assert Image.open(io.BytesIO(row["image"])).size == (32, 32)
+
+
+def test_interrupted_prepare_resumes_to_the_same_dataset(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    formats.cxr_lt_2023(src)
+    full = prepare_dataset(opts(src), out, **QUIET)
+    # simulate an interruption: a shard never finished (only its temp file exists), no manifest
+    os.remove(out / "train-00001.parquet")
+    (out / ".train-00001.parquet.tmp").write_bytes(b"partial garbage")
+    os.remove(out / "manifest.json")
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    logs = []
+    again = prepare_dataset(opts(src), out, log=logs.append)
+    assert any("1 already" not in l and "4 already complete" in l for l in logs)
+    assert again["dataset_sha256"] == full["dataset_sha256"]
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in full["shards"]]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name in before} == before
+    with pytest.raises(UserError, match="other options.*image_size"):
+        prepare_dataset(opts(src, image_size=48), out, **QUIET)
+
+
+def test_ignore_policy_mask_reaches_the_shards(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    formats.chexpert(src)
+    m = prepare_dataset(PrepareOptions("chexpert", str(src), image_size=32, uncertain="ignore"), out, **QUIET)
+    rows = pq.read_table(out / "train-00000.parquet").to_pylist()
+    assert rows[0]["mask"][1] == 0.0 and rows[0]["mask"][0] == 1.0
+    assert m["splits"]["train"]["labeled_counts"]["No Finding"] < 4
+
+
+def test_synth_labels_follow_cxr_lt_contract():
+    clean, noisy = draw_labels(20000, np.random.default_rng(0), 0.02)
+    nf, sd = LABELS.index("No Finding"), LABELS.index("Support Devices")
+    others = np.delete(noisy, [nf, sd], axis=1).sum(1)
+    assert (others[noisy[:, nf] == 1] == 0).all()          # No Finding only with Support Devices
+    assert (np.delete(clean, [nf, sd], axis=1).sum(1)[clean[:, nf] == 0] > 0).all()
+    want = np.array(list(CXR_LT_2023_COUNTS.values())) / 264849
+    got = clean.mean(0)
+    assert np.all(np.abs(got - want) < 0.35 * want + 0.004)  # frequencies near CXR-LT's
+    assert 2.0 < clean.sum(1).mean() < 3.0
+
+
+def test_synth_is_deterministic_and_patient_disjoint(tmp_path):
+    a = write_synthetic_cxr_lt(tmp_path / "a", SynthOptions(num_images=40, image_size=48, seed=3, workers=1), progress=None)
+    b = write_synthetic_cxr_lt(tmp_path / "b", SynthOptions(num_images=40, image_size=48, seed=3, workers=2), progress=None)
+    assert a == b
+    for f in ("train.csv", "development.csv"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    t = read_source("cxr-lt-2023", tmp_path / "a")
+    imgs = sorted((tmp_path / "a").rglob("*.jpg"))
+    assert len(imgs) == 40 and all((tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes() == p.read_bytes() for p in imgs)
+    train_p = {p for p, s in zip(t.patient_id, t.split) if s == "train"}
+    val_p = {p for p, s in zip(t.patient_id, t.split) if s == "val"}
+    assert train_p and val_p and not train_p & val_p
