@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": "workflows.demo",
     "synth": "workflows.synth",
     "prepare": "workflows.prepare",
+    "train": "workflows.train",
 }
 
 

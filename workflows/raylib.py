@@ -34,3 +34,45 @@ def map_with_ray_data(fn, items: list, num_cpus: float = 1.0) -> list:
     ds = ds.map(lambda row: {"i": row["i"], "result": pickle.dumps(fn(pickle.loads(row["item"])))}, num_cpus=num_cpus)
     rows = sorted(ds.take_all(), key=lambda r: r["i"])
     return [pickle.loads(r["result"]) for r in rows]
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_shared_path(path: str, what: str) -> None:
+    """On a multi-node cluster a local path must be the same shared folder on every node
+    (NFS or similar); URIs (s3://, gs://, ...) are shared by construction. Checked by writing
+    a probe file here and looking for it from a task pinned to each node."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from components.errors import UserError
+
+    if "://" in path:
+        return
+    nodes = alive_nodes()
+    if len(nodes) <= 1:
+        return
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".ralflow-probe-{uuid.uuid4().hex}")
+    with open(probe, "w") as f:
+        f.write("probe")
+    try:
+        @ray.remote(num_cpus=0)
+        def exists(p):
+            return os.path.exists(p)
+
+        refs = [exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probe)
+                for n in nodes]
+        seen = ray.get(refs, timeout=60)
+    finally:
+        os.remove(probe)
+    missing = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    if missing:
+        raise UserError(f"{what} {path} is a local folder not shared with node(s) {', '.join(missing)} of this "
+                        f"{len(nodes)}-node cluster; use shared storage (an NFS mount on every node, or s3://, gs://)")

@@ -7,6 +7,7 @@ horizontal flip is off by default.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,16 @@ class DecodeTransform:
         return result
 
 
+@functools.lru_cache(maxsize=8)
+def _transform(image_size: int, augment: AugmentOptions | None, keep_ids: bool) -> DecodeTransform:
+    return DecodeTransform(image_size, augment, keep_ids)
+
+
+def decode_batch(batch: dict, image_size: int, augment: AugmentOptions | None, keep_ids: bool = False) -> dict:
+    """Stateless task form of DecodeTransform (the transform is cached per process)."""
+    return _transform(image_size, augment, keep_ids)(batch)
+
+
 def _stack(column) -> np.ndarray:
     arr = np.asarray(column)
     if arr.dtype == object:
@@ -88,16 +99,19 @@ def build_ray_dataset(
     augment: AugmentOptions | None = None,
     batch_size: int = 64,
     num_cpus: float = 1.0,
-    concurrency: int | None = None,
     keep_ids: bool = False,
 ):
-    """Ray Dataset over one split: decoded, resized and (if ``augment``) augmented batches."""
+    """Ray Dataset over one split: decoded, resized and (if ``augment``) augmented batches.
+
+    Decoding runs as stateless Ray Data tasks fused with the Parquet read: unlike an actor
+    pool they hold no CPU between batches, so reads and training workers always get one.
+    """
     import ray.data
 
     size = image_size or load_manifest(data_dir)["image_size"]
     columns = ["image", "labels", "mask"] + (["image_id"] if keep_ids else [])
     ds = ray.data.read_parquet(shard_paths(data_dir, split), columns=columns)
     return ds.map_batches(
-        DecodeTransform, fn_constructor_args=(size, augment, keep_ids), batch_size=batch_size,
-        batch_format="numpy", num_cpus=num_cpus, concurrency=concurrency or (1, 2),
+        decode_batch, fn_kwargs={"image_size": size, "augment": augment, "keep_ids": keep_ids},
+        batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
     )

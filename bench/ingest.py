@@ -1,0 +1,122 @@
+"""Ingest throughput, measured side by side in one run (images/s):
+
+  (a) decode only: the shards' JPEG bytes decoded in W processes (no augmentation, no Ray)
+  (b) Ray Data: the training pipeline (decode + augmentation in map tasks) to iter_torch_batches
+  (c) torch DataLoader: the same JPEGs as files, same decode + transforms, W worker processes
+
+    python bench/ingest.py [--num-images 3000] [--stored-size 256] [--image-size 224] [--workers 2]
+
+Goals: (b) >= 1.0x (c) and (b) >= 0.8x (a).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _decode_chunk(blobs):
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    torch.set_num_threads(1)
+    for b in blobs:
+        decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.GRAY)
+    return len(blobs)
+
+
+class FileDataset:
+    def __init__(self, files, labels, image_size, augment):
+        from components.data.ingest import DecodeTransform
+
+        self.files, self.labels = files, labels
+        self.transform = DecodeTransform(image_size, augment)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        data = Path(self.files[i]).read_bytes()
+        out = self.transform({"image": [data], "labels": [self.labels[i]], "mask": [self.labels[i]]})
+        return out["image"][0], out["labels"][0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-images", type=int, default=3000)
+    ap.add_argument("--stored-size", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2, help="CPU workers for every variant")
+    args = ap.parse_args()
+
+    import pyarrow.parquet as pq
+    import ray
+    import torch
+
+    from components.data.ingest import AugmentOptions, build_ray_dataset, shard_paths
+    from components.data.prepare import PrepareOptions, prepare_dataset
+    from components.data.synth import SynthOptions, write_synthetic_cxr_lt
+
+    work = Path(tempfile.mkdtemp(prefix="ralflow-bench-ingest-"))
+    write_synthetic_cxr_lt(work / "src", SynthOptions(num_images=args.num_images, image_size=args.stored_size), progress=None)
+    prepare_dataset(PrepareOptions("cxr-lt-2023", str(work / "src"), image_size=args.stored_size, rows_per_shard=256),
+                    work / "data", log=lambda *_: None)
+    paths = shard_paths(work / "data", "train")
+    table = pq.read_table(paths, columns=["image", "labels"])
+    blobs, labels = table.column("image").to_pylist(), table.column("labels").to_pylist()
+    n = len(blobs)
+    files = []
+    (work / "jpeg").mkdir()
+    for i, b in enumerate(blobs):
+        f = work / "jpeg" / f"{i:06d}.jpg"
+        f.write_bytes(b)
+        files.append(str(f))
+    augment = AugmentOptions()
+    print(f"{n} training images stored at {args.stored_size}px -> batches at {args.image_size}px, "
+          f"{args.workers} CPU workers each, torch {torch.__version__}, ray {ray.__version__}")
+
+    # (a) decode only
+    chunks = [blobs[i : i + 100] for i in range(0, n, 100)]
+    with ProcessPoolExecutor(args.workers) as pool:
+        list(pool.map(_decode_chunk, chunks[:2]))  # warm up the workers
+        t0 = time.perf_counter()
+        assert sum(pool.map(_decode_chunk, chunks)) == n
+        a = n / (time.perf_counter() - t0)
+
+    # (b) Ray Data pipeline
+    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ds = build_ray_dataset(work / "data", "train", args.image_size, augment, batch_size=args.batch_size)
+    for _ in ds.limit(args.batch_size).iter_torch_batches(batch_size=args.batch_size):
+        pass  # warm-up: actor start
+    t0 = time.perf_counter()
+    seen = sum(len(b["image"]) for b in ds.iter_torch_batches(batch_size=args.batch_size))
+    b = seen / (time.perf_counter() - t0)
+    ray.shutdown()
+
+    # (c) DataLoader over files
+    loader = torch.utils.data.DataLoader(FileDataset(files, labels, args.image_size, augment), batch_size=args.batch_size,
+                                         num_workers=args.workers, shuffle=True, persistent_workers=True)
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    seen_c = sum(len(x) for x, _ in loader)
+    c = seen_c / (time.perf_counter() - t0)
+
+    print("| variant | images/s | ratio |")
+    print("|---|---:|---:|")
+    print(f"| (a) decode only | {a:.0f} | 1.00 × (a) |")
+    print(f"| (b) Ray Data -> iter_torch_batches | {b:.0f} | {b / a:.2f} × (a), {b / c:.2f} × (c) |")
+    print(f"| (c) DataLoader over JPEG files | {c:.0f} | {c / a:.2f} × (a) |")
+    print(f"goals: (b)/(c) = {b / c:.2f} (>= 1.0), (b)/(a) = {b / a:.2f} (>= 0.8)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
