@@ -33,3 +33,16 @@ def ray_address():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A tiny prepared synthetic CXR-LT dataset shared by the training/tuning/prediction tests."""
+    from components.data.prepare import PrepareOptions, prepare_dataset
+    from components.data.synth import SynthOptions, write_synthetic_cxr_lt
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_synthetic_cxr_lt(root / "src", SynthOptions(num_images=480, image_size=64, seed=7, val_fraction=0.3), progress=None)
+    prepare_dataset(PrepareOptions("cxr-lt-2023", str(root / "src"), image_size=40, rows_per_shard=128),
+                    root / "data", log=lambda *_: None)
+    return root / "data"

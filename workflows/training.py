@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -187,9 +188,12 @@ def train_loop_per_worker(config: dict) -> None:
                    "val_images": int(len(probs))}
         metrics.update(epoch_metrics(probs, targets, masks, manifest) if rank == 0 else {})
         scalar = {k: v for k, v in metrics.items() if k != "per_class_ap"}
-        with tempfile.TemporaryDirectory() as tmp:
+        # Local mode (num_workers=0) does not persist reported checkpoints: write them in place.
+        local_dir = config.get("local_checkpoint_root")
+        with (nullcontext(f"{local_dir}/epoch-{epoch:04d}") if local_dir else tempfile.TemporaryDirectory()) as tmp:
             ckpt = None
             if rank == 0:
+                Path(tmp).mkdir(parents=True, exist_ok=True)
                 unwrapped = model.module if hasattr(model, "module") else model
                 torch.save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -286,7 +290,8 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str | None, callbacks=Non
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "manifest": manifest, "mlflow_run_id": run_id, "drill_marker": drill},
+        train_loop_config={"cfg": cfg.to_dict(), "manifest": manifest, "mlflow_run_id": run_id, "drill_marker": drill,
+                           "local_checkpoint_root": f"{storage}/{name}" if workers == 0 else None},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,

@@ -1,0 +1,111 @@
+"""Training pieces that need no Ray: config layering, LR schedule, loss statistics, metrics."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from components.config import load_config
+from components.errors import UserError
+from components.metrics import multilabel_metrics
+from workflows.train import overrides_from_args
+from workflows.training import amp_dtype, epoch_metrics, gather_to_all, loss_params_for, lr_factor
+
+
+def test_yaml_then_flags_override_typed_defaults(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("model: {name: resnet10t}\nloss: {name: asl, params: {gamma_neg: 2}}\ntrain: {epochs: 7, batch_size: 8}\n")
+    import argparse
+    args = argparse.Namespace(loss_param=["clip=0.1"], epochs=3, data=str(tmp_path), batch_size=None)
+    cfg = load_config(str(y), overrides_from_args(args))
+    assert cfg.model.name == "resnet10t" and cfg.train.batch_size == 8   # from YAML
+    assert cfg.train.epochs == 3                                          # flag beats YAML
+    assert cfg.loss.params == {"gamma_neg": 2, "clip": 0.1}               # merged
+    assert cfg.train.num_workers == 2                                     # typed default
+    assert cfg.tracking.tracking_uri.startswith("sqlite:///") and cfg.tracking.tracking_uri.endswith("mlflow.db")
+    assert cfg.tracking.run_name == load_config(str(y), overrides_from_args(args)).tracking.run_name  # stable
+
+
+def test_run_name_changes_with_what_defines_the_run(tmp_path):
+    a = load_config(None, {"loss": {"name": "ral"}})
+    b = load_config(None, {"loss": {"name": "ral", "params": {"lamb": 2.0}}})
+    c = load_config(None, {"loss": {"name": "ral"}, "tracking": {"experiment": "other"}})
+    assert a.tracking.run_name != b.tracking.run_name and a.tracking.run_name == c.tracking.run_name
+
+
+@pytest.mark.parametrize("text,match", [
+    ("modle: {name: x}\n", "unknown section 'modle'"),
+    ("train: {epoch: 3}\n", r"unknown key 'train.epoch'.*epochs"),
+    ("train: [1, 2]\n", "must be a mapping"),
+    ("train: {amp: fp8}\n", "train.amp='fp8'"),
+])
+def test_bad_config_names_the_key(tmp_path, text, match):
+    y = tmp_path / "c.yaml"
+    y.write_text(text)
+    with pytest.raises(UserError, match=match):
+        load_config(str(y))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 10, 5, 1.0, 0.01) for s in range(0, 51)]
+    assert f[0] < 0.01 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))     # monotone decay after warmup
+    assert f[50] == pytest.approx(0.01)
+
+
+def test_loss_statistics_come_from_the_manifest():
+    from components.config import Config
+    manifest = {"label_names": ["a", "b"], "splits": {"train": {"num_images": 100, "class_counts": {"a": 40, "b": 2}}}}
+    cfg = Config()
+    cfg.loss.name = "db"
+    assert loss_params_for(cfg, manifest) == {"class_counts": [40, 2], "num_samples": 100}
+    cfg.loss.name, cfg.loss.params = "cb", {"beta": 0.99}
+    assert loss_params_for(cfg, manifest) == {"beta": 0.99, "class_counts": [40, 2]}
+
+
+def test_amp_policy():
+    import torch
+    assert amp_dtype("auto", "cpu") is None and amp_dtype("off", "cuda") is None
+    assert amp_dtype("fp16", "cuda") is torch.float16 and amp_dtype("bf16", "cpu") is torch.bfloat16
+
+
+def test_metrics_do_not_depend_on_how_predictions_are_split():
+    rng = np.random.default_rng(0)
+    y = (rng.random((90, 5)) < 0.3).astype(np.float32)
+    p = np.clip(y * 0.3 + rng.random((90, 5)) * 0.7, 0, 1)
+    manifest = {"label_names": list("abcde"), "groups": dict(zip("abcde", ["head", "head", "medium", "tail", "tail"]))}
+    whole = epoch_metrics(p, y, np.ones_like(y), manifest)
+    perm = rng.permutation(90)
+    parts = [perm[:37], perm[37:]]  # e.g. two workers' shards, any order
+    cat = lambda a: np.concatenate([a[i] for i in parts])
+    split = epoch_metrics(cat(p), cat(y), np.ones_like(y), manifest)
+    assert split == whole
+    assert gather_to_all(p)[0] is p  # not distributed: identity
+    # the prevalence baseline is what a useless model scores
+    base = multilabel_metrics(np.tile(y.mean(0), (90, 1)), y)["mAP"]
+    assert base == pytest.approx(float(np.mean(y.mean(0))), rel=1e-6)
+    assert whole["val_mAP"] > base
+
+
+def test_per_class_chart_and_table(tmp_path):
+    from components.tracking import per_class_chart, per_class_table
+    names, ap, counts, groups = ["A", "B, b"], [0.5, math.nan], [100, 0], ["head", "tail"]
+    per_class_chart(names, ap, counts, groups, tmp_path / "c.png", "t")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert per_class_table(names, ap, counts, groups) == 'label,group,train_count,ap\n"A",head,100,0.500000\n"B, b",tail,0,\n'
+
+
+def test_unreachable_tracking_server_fails_fast(cli, tiny_dataset, tmp_path):
+    import time
+    t0 = time.monotonic()
+    r = cli("train", "--data", str(tiny_dataset), "--tracking-uri", "http://127.0.0.1:9", "--storage-path", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "cannot reach the MLflow tracking server at http://127.0.0.1:9" in r.stderr
+    assert "Traceback" not in r.stderr and time.monotonic() - t0 < 60
+    assert not list(tmp_path.glob("*"))  # nothing started, nothing written
+
+
+def test_train_without_manifest_is_clear(cli, tmp_path):
+    r = cli("train", "--data", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2 and "no manifest.json" in r.stderr
