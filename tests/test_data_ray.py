@@ -21,13 +21,16 @@ def test_synth_prepare_ingest_end_to_end(tmp_path, cli, ray_address):
     n_train, n_val = manifest["splits"]["train"]["num_images"], manifest["splits"]["val"]["num_images"]
     assert n_train + n_val == 120 and len(manifest["shards"]) >= 4
 
-    from components.data.ingest import AugmentOptions, build_ray_dataset
+    import torch
+
+    from components.data.ingest import AugmentOptions, build_ray_dataset, normalize
 
     train = build_ray_dataset(out, "train", image_size=40, augment=AugmentOptions(), batch_size=16)
     seen, labels = 0, []
     for batch in train.iter_torch_batches(batch_size=16):
         assert batch["image"].shape[1:] == (1, 40, 40) and batch["labels"].shape[1] == 26
-        assert batch["image"].dtype.is_floating_point and batch["mask"].min() == 1
+        assert batch["image"].dtype == torch.uint8 and batch["mask"].min() == 1
+        assert normalize(batch["image"]).dtype == torch.float32
         seen += len(batch["image"])
         labels.append(batch["labels"].numpy())
     assert seen == n_train

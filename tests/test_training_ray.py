@@ -38,7 +38,9 @@ def test_local_mode_train_loop(tiny_dataset, tmp_path, ray_address):
 
 
 def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset, tmp_path, cli, ray_address):
-    from components.data.ingest import build_ray_dataset
+    import torch
+
+    from components.data.ingest import build_ray_dataset, normalize
     from components.data.prepare import load_manifest
     from components.metrics import multilabel_metrics
 
@@ -71,7 +73,7 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     assert model.metadata.metadata["label_names"] == manifest["label_names"]
     probs, targets = [], []
     for batch in build_ray_dataset(tiny_dataset, "val", 40, None, batch_size=64).iter_batches(batch_size=64):
-        probs.append(model.predict(batch["image"]))
+        probs.append(model.predict(normalize(torch.as_tensor(batch["image"])).numpy()))
         targets.append(batch["labels"])
     probs, targets = np.concatenate(probs), np.concatenate(targets)
     assert probs.shape == (manifest["splits"]["val"]["num_images"], 26) and ((probs >= 0) & (probs <= 1)).all()

@@ -65,11 +65,13 @@ def evaluate(model, batches, device, autocast_dtype):
     """Probabilities, targets and masks over an iterable of batches (this worker's part)."""
     import torch
 
+    from components.data.ingest import normalize
+
     model.eval()
     probs, targets, masks = [], [], []
     with torch.inference_mode():
         for batch in batches:
-            x = batch["image"].to(device, non_blocking=True)
+            x = normalize(batch["image"].to(device, non_blocking=True))
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 logits = model(x)
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
@@ -112,6 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from components.config import load_config, merge
+    from components.data.ingest import normalize
     from components.losses import build_loss
     from components.models import build_model
     from components import tracking
@@ -161,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         loss_sum, seen, steps = 0.0, 0, 0
         for batch in train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device):
-            x, y, mask = batch["image"], batch["labels"], batch["mask"]
+            x, y, mask = normalize(batch["image"]), batch["labels"], batch["mask"]
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 logits = model(x)
             loss = loss_fn(logits, y, mask=mask)  # the loss upcasts to float32 itself

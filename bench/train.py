@@ -1,0 +1,119 @@
+"""Training benchmarks, measured in one run.
+
+1. Throughput: images/s of one Ray Train worker (TorchTrainer, Ray Data streaming, decode and
+   augmentation in Ray Data tasks) vs a plain single-process PyTorch loop over the same decoded,
+   augmented batches, same model and batch size. Goal: >= 0.95x.
+2. Quality: macro / head / medium / tail validation mAP of bce, asl and ral with default
+   parameters and the same budget on a synthetic CXR-LT stand-in.
+
+    python bench/train.py [--num-images 6000] [--image-size 64] [--model resnet10t] [--epochs 6]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def plain_loop_images_per_s(data, image_size, model_name, batch_size, steps):
+    """Single process: the same decoded+augmented batches, materialised first, then trained on."""
+    import torch
+
+    from components.data.ingest import AugmentOptions, build_ray_dataset, normalize
+    from components.data.prepare import load_manifest
+    from components.losses import build_loss
+    from components.models import build_model
+
+    batches = []
+    for b in build_ray_dataset(data, "train", image_size, AugmentOptions(), batch_size=batch_size).iter_torch_batches(batch_size=batch_size):
+        batches.append(b)
+        if len(batches) == steps + 2:
+            break
+    model = build_model(model_name, len(load_manifest(data)["label_names"]), 1)
+    loss_fn = build_loss("ral")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    def step(b):
+        loss = loss_fn(model(normalize(b["image"])), b["labels"], mask=b["mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for b in batches[:2]:
+        step(b)
+    t0 = time.perf_counter()
+    n = 0
+    for b in batches[2:]:
+        step(b)
+        n += len(b["image"])
+    return n / (time.perf_counter() - t0)
+
+
+def train_cli(args, *extra):
+    cmd = [str(Path(sys.executable).with_name("ralflow")), "train", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=args.work)
+    if out.returncode != 0:
+        raise SystemExit(f"train failed: {out.stderr[-2000:]}")
+    return out.stdout + out.stderr
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-images", type=int, default=6000)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--model", default="resnet10t")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--losses", default="bce,asl,ral")
+    ap.add_argument("--skip-quality", action="store_true")
+    args = ap.parse_args()
+    args.work = Path(tempfile.mkdtemp(prefix="ralflow-bench-train-"))
+
+    import ray
+
+    from components.data.prepare import PrepareOptions, prepare_dataset
+    from components.data.synth import SynthOptions, write_synthetic_cxr_lt
+
+    write_synthetic_cxr_lt(args.work / "src", SynthOptions(num_images=args.num_images, image_size=max(args.image_size, 64) * 2), progress=None)
+    data = args.work / "data"
+    prepare_dataset(PrepareOptions("cxr-lt-2023", str(args.work / "src"), image_size=args.image_size), data, log=lambda *_: None)
+    common = ["--data", str(data), "--model", args.model, "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+              "--tracking-uri", f"sqlite:///{args.work}/mlflow.db", "--storage-path", str(args.work / "runs"), "--lr", str(args.lr)]
+
+    # 1. throughput, same process budget: one worker with a whole CPU vs the plain loop
+    out = train_cli(args, *common, "--loss", "ral", "--epochs", "2", "--num-workers", "1", "--cpus-per-worker", "1", "--run-name", "throughput")
+    ray_ips = [float(v) for v in re.findall(r"(\d+) img/s", out)][-1]  # the second epoch: warm
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    plain_ips = plain_loop_images_per_s(data, args.image_size, args.model, args.batch_size, steps=30)
+    ray.shutdown()
+    print(f"\nmodel {args.model}, {args.image_size}px, batch {args.batch_size}, CPU")
+    print("| loop | images/s | ratio |")
+    print("|---|---:|---:|")
+    print(f"| plain PyTorch, one process | {plain_ips:.0f} | 1.00 |")
+    print(f"| Ray Train, one worker | {ray_ips:.0f} | {ray_ips / plain_ips:.2f} |", flush=True)
+
+    if args.skip_quality:
+        return 0
+    rows = []
+    for loss in args.losses.split(","):
+        t0 = time.perf_counter()
+        out = train_cli(args, *common, "--loss", loss, "--epochs", str(args.epochs), "--num-workers", "2", "--run-name", f"quality-{loss}")
+        m = re.search(r"best epoch (\d+): val mAP ([\d.]+) \(head ([\d.]+), medium ([\d.]+), tail ([\d.]+)\)", out)
+        rows.append((loss, *m.groups()[1:], time.perf_counter() - t0))
+        print(f"  {loss}: done", file=sys.stderr, flush=True)
+    print(f"\nquality: {args.num_images} synthetic images, {args.image_size}px, {args.model}, {args.epochs} epochs, 2 workers, defaults")
+    print("| loss | val mAP | head | medium | tail | wall s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for loss, m, h, md, t, secs in rows:
+        print(f"| {loss} | {m} | {h} | {md} | {t} | {secs:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
