@@ -144,6 +144,10 @@ class ChestXrayClassifier(_PythonModel):
     """pyfunc: float32 images (N, C_in, H, W), normalised as in training -> (N, classes)
     probabilities. ``label_names`` in the model's metadata give the column order."""
 
+    # The signature logged with the model describes the input (float32 images); this skips
+    # MLflow's type-hint based wrapping of predict and its warning about missing hints.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         import torch
 

@@ -15,6 +15,9 @@ COMMANDS = {
     "synth": "workflows.synth",
     "prepare": "workflows.prepare",
     "train": "workflows.train",
+    "tune": "workflows.tune",
+    "promote": "workflows.promote",
+    "predict": "workflows.predict",
 }
 
 

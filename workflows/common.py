@@ -23,8 +23,21 @@ def build_parser(module, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep stderr for what the user must read: MLflow's store set-up chatter and its
+    advice on pyfunc type hints are not that."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*python_model.*CloudPickle.*")
+
+
 def execute(module, args: argparse.Namespace, prog: str) -> int:
     """Run a workflow; user mistakes become a one-line message on stderr and exit code 2."""
+    quiet_libraries()
     try:
         return int(module.run(args) or 0)
     except (UserError, FileNotFoundError, PermissionError) as exc:

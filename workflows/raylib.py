@@ -16,7 +16,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
         ray.init(address=address, **quiet)
         log(f"ray: connected to cluster at {address}")
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+        # The dashboard serves the State API that Ray Train's placement-group cleaner uses to
+        # release a finished run's resources; without it sequential Tune trials starve.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
         log(f"ray: started a local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs)")
 
 

@@ -226,7 +226,7 @@ def git_commit() -> str | None:
         return None
 
 
-def prepare_run(cfg: Config, log=print):
+def prepare_run(cfg: Config, log=print, extra_tags: dict | None = None):
     """Checks and MLflow bookkeeping before any training: returns (manifest, client, run_id)."""
     from components import tracking
     from components.data.prepare import load_manifest
@@ -251,6 +251,7 @@ def prepare_run(cfg: Config, log=print):
             "ralflow.model": cfg.model.name}
     if (commit := git_commit()):
         tags["ralflow.git_commit"] = commit
+    tags.update(extra_tags or {})
     run_id, resumed = tracking.find_or_create_run(c, exp_id, cfg.tracking.run_name, tags)
     log(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) in experiment '{cfg.tracking.experiment}'")
     params = cfg.flat()

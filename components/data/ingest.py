@@ -153,7 +153,10 @@ def build_ray_dataset(
     items = row_groups(shard_paths(data_dir, split))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     if augment is not None if shuffle is None else shuffle:
-        ds = ds.random_shuffle()
+        # Each row group is its own block: reordering blocks reshuffles row groups every epoch
+        # without the CPU-hungry all-to-all tasks of random_shuffle (which can starve on a
+        # cluster whose CPUs the training workers hold).
+        ds = ds.randomize_block_order()
     ds = ds.map_batches(read_row_group, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
     return ds.map_batches(
         decode_batch, fn_kwargs={"image_size": size, "augment": augment, "keep_ids": keep_ids},
