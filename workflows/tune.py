@@ -103,8 +103,11 @@ def run_sweep(cfg, num_samples: int, space_file: str | None = None, resume: bool
         if tune.Tuner.can_restore(experiment_path):
             raise UserError(f"sweep '{name}' already exists under {storage}; add --resume to continue it, or --name for a new one")
         searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=concurrent)
+        # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so it can
+        # log its model; ASHA stops only the ones that fall behind at a rung.
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
-                                  grace_period=min(grace_epochs, cfg.train.epochs), reduction_factor=2)
+                                  grace_period=min(grace_epochs, cfg.train.epochs), reduction_factor=2,
+                                  stop_last_trials=False)
         log(f"[tune] {num_samples} trials, up to {concurrent} at a time, ASHA over {cfg.train.epochs} epochs, "
             f"searching {', '.join(space)}")
         tuner = tune.Tuner(
