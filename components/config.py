@@ -61,6 +61,7 @@ class TrainConfig:
     num_workers: int = 2             # Ray Train workers (0 = local mode, in the driver)
     use_gpu: bool = False
     cpus_per_worker: float = 0.5     # leave CPUs to Ray Data on small machines
+    placement_strategy: str = "PACK"  # PACK | SPREAD (one worker per node where possible)
     amp: str = "auto"                # auto | off | bf16 | fp16 (autocast on GPU; the loss stays fp32)
     seed: int = 0
     keep_checkpoints: int = 2        # best N by val mAP
@@ -155,6 +156,8 @@ def resolve_defaults(cfg: Config) -> Config:
         t.storage_path = str(Path(t.storage_path).expanduser().resolve())
     if cfg.data.path and "://" not in cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    if cfg.train.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise UserError(f"train.placement_strategy={cfg.train.placement_strategy!r} is invalid; allowed: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD")
     if cfg.train.amp not in ("auto", "off", "bf16", "fp16"):
         raise UserError(f"train.amp={cfg.train.amp!r} is invalid; allowed: auto | off | bf16 | fp16")
     for name, value, ok in (("train.epochs", cfg.train.epochs, cfg.train.epochs >= 1),

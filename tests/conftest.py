@@ -15,7 +15,9 @@ RALFLOW = str(Path(sys.executable).with_name("ralflow"))
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, module: str | None = None):
     """Run ``ralflow ARGS`` (or ``python -m MODULE ARGS``) in a fresh process; return the result."""
     cmd = [sys.executable, "-m", module, *args] if module else [RALFLOW, *args]
-    full_env = {**os.environ, **(env or {})}
+    # The session's RAY_ADDRESS names the test cluster for its own processes; a CLI joins it only
+    # when a test passes --address, otherwise it starts its own Ray like a user's would.
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
     return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -29,10 +31,10 @@ def ray_address():
     """One local Ray cluster for the whole test session; subprocesses join it with --address."""
     import ray
 
-    if not ray.is_initialized():
-        # with the dashboard: Ray Train's placement-group cleanup relies on its State API
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR", log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
+    from workflows.raylib import start_local_ray
+
+    address = start_local_ray(num_cpus=2, logging_level="ERROR", log_to_driver=False)
+    yield address
     ray.shutdown()
 
 

@@ -18,6 +18,8 @@ COMMANDS = {
     "tune": "workflows.tune",
     "promote": "workflows.promote",
     "predict": "workflows.predict",
+    "run": "workflows.run",
+    "submit": "workflows.submit",
 }
 
 

@@ -5,6 +5,14 @@ from __future__ import annotations
 import os
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, log=print) -> None:
     import ray
 
@@ -15,11 +23,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
     if address:
         ray.init(address=address, **quiet)
         log(f"ray: connected to cluster at {address}")
-    else:
-        # The dashboard serves the State API that Ray Train's placement-group cleaner uses to
-        # release a finished run's resources; without it sequential Tune trials starve.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
-        log(f"ray: started a local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs)")
+        return
+    start_local_ray(num_cpus, **quiet)
+    log(f"ray: started a local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
+        f"dashboard {os.environ['RAY_ADDRESS']})")
+
+
+def start_local_ray(num_cpus: int | None = None, **kwargs) -> str:
+    """Start a new local Ray (never join another) and return its GCS address.
+
+    The dashboard serves the State API that Ray Train's placement-group cleaner uses to release
+    a finished run's resources (without it sequential Tune trials starve). The cleaner finds
+    the cluster through RAY_ADDRESS, inherited by every Ray process started from here: with
+    more than one Ray instance on a machine it would otherwise not know which is its own.
+    """
+    import ray
+
+    port = free_port()
+    os.environ["RAY_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, **kwargs)
+    return ray.get_runtime_context().gcs_address
 
 
 def map_with_ray_data(fn, items: list, num_cpus: float = 1.0) -> list:

@@ -156,6 +156,11 @@ def train_loop_per_worker(config: dict) -> None:
                 tracking.log_epoch(tracking.client(cfg.tracking.tracking_uri), run_id, state["metrics"], state["epoch"])
 
     mlflow_client = tracking.client(cfg.tracking.tracking_uri) if rank == 0 and run_id else None
+    import ray
+
+    nodes = gather_to_all(np.array([ray.get_runtime_context().get_node_id()]))[0]
+    if mlflow_client:
+        mlflow_client.set_tag(run_id, "ralflow.worker_nodes", ",".join(sorted(set(nodes.tolist()))))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     drill_marker = Path(config.get("drill_marker") or "/nonexistent")
@@ -296,7 +301,8 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str | None, callbacks=Non
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "manifest": manifest, "mlflow_run_id": run_id, "drill_marker": drill,
                            "local_checkpoint_root": f"{storage}/{name}" if workers == 0 else None},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
+                                               placement_strategy=cfg.train.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# A real multi-node Ray cluster and a real MLflow tracking server on this machine, for
+# development and the cluster tests:
+#
+#   cluster/local.sh up       # head + $RALFLOW_WORKER_NODES worker nodes + mlflow server
+#   cluster/local.sh status
+#   cluster/local.sh down     # stops only what `up` started (recorded under $RALFLOW_CLUSTER_DIR)
+#
+# Settings (environment variables, defaults in brackets):
+#   RALFLOW_CLUSTER_DIR   state, logs, shared storage, MLflow store  [/tmp/ralflow-cluster]
+#   RALFLOW_RAY_PORT      head GCS port                              [6390]
+#   RALFLOW_DASHBOARD_PORT  dashboard / Jobs API port                [8290]
+#   RALFLOW_WORKER_NODES  worker nodes joining the head              [1]
+#   RALFLOW_HEAD_CPUS / RALFLOW_WORKER_CPUS   CPUs per node          [1 / 1]
+#   RALFLOW_OBJECT_STORE_MB   object store per node (MiB)            [512]
+#   RALFLOW_MLFLOW_PORT   MLflow server port (0 = no server)         [5055]
+#   RALFLOW_PYTHON        python with ralflow installed              [the repo's .venv, else python3]
+#
+# Each node's dashboard agent gets its own port (DASHBOARD_PORT+10+i): two Ray nodes, or another
+# Ray instance, on one machine would otherwise fight over the default 52365 and the Jobs API
+# answers "No available agent to submit job".
+# Ray token authentication stays on: the head writes ~/.ray/auth_token; worker nodes and
+# `ralflow submit` join with RAY_AUTH_MODE=token. Everything binds to 127.0.0.1.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+DIR=${RALFLOW_CLUSTER_DIR:-/tmp/ralflow-cluster}
+RAY_PORT=${RALFLOW_RAY_PORT:-6390}
+DASH_PORT=${RALFLOW_DASHBOARD_PORT:-8290}
+WORKERS=${RALFLOW_WORKER_NODES:-1}
+HEAD_CPUS=${RALFLOW_HEAD_CPUS:-1}
+WORKER_CPUS=${RALFLOW_WORKER_CPUS:-1}
+OBJ_MB=${RALFLOW_OBJECT_STORE_MB:-512}
+MLFLOW_PORT=${RALFLOW_MLFLOW_PORT:-5055}
+if [ -n "${RALFLOW_PYTHON:-}" ]; then PY=$RALFLOW_PYTHON
+elif [ -x "$here/.venv/bin/python" ]; then PY=$here/.venv/bin/python
+else PY=$(command -v python3); fi
+BIN=$(dirname "$PY")
+export PATH="$BIN:$PATH"   # jobs' `python` is this python on every node
+# Inherited by every process of this cluster: Ray Train's placement-group cleaner finds its
+# cluster through it (with several Ray instances on one machine it cannot guess).
+export RAY_ADDRESS="http://127.0.0.1:$DASH_PORT"
+RAY="$BIN/ray"
+TMP="$DIR/ray"             # Ray's temp dir (worker nodes: $TMP-wN): marks every process of this cluster
+# Each node needs its own temp dir even on one machine: nodes sharing one would unpack the same
+# runtime-env package over each other, deleting a running job's working directory.
+obj_bytes=$((OBJ_MB * 1024 * 1024))
+
+say() { echo "[local.sh] $*" >&2; }
+
+write_env() {
+    cat > "$DIR/cluster.env" <<ENV
+RAY_GCS_ADDRESS=127.0.0.1:$RAY_PORT
+RAY_ADDRESS=http://127.0.0.1:$DASH_PORT
+MLFLOW_TRACKING_URI=$( [ "$MLFLOW_PORT" != 0 ] && echo "http://127.0.0.1:$MLFLOW_PORT" )
+RALFLOW_SHARED_STORAGE=$DIR/shared
+RAY_AUTH_MODE=token
+ENV
+}
+
+up() {
+    if [ -f "$DIR/cluster.env" ] && RAY_AUTH_MODE=token "$RAY" status --address "127.0.0.1:$RAY_PORT" >/dev/null 2>&1; then
+        say "already up (cluster/local.sh down first)"; cat "$DIR/cluster.env"; return 0
+    fi
+    mkdir -p "$DIR/shared" "$DIR/logs" "$TMP"
+    for i in $(seq 1 "$WORKERS"); do mkdir -p "$TMP-w$i"; done
+    say "starting Ray head on 127.0.0.1:$RAY_PORT ($HEAD_CPUS CPU, dashboard 127.0.0.1:$DASH_PORT)"
+    "$RAY" start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
+        --object-store-memory="$obj_bytes" --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" \
+        --dashboard-agent-listen-port="$((DASH_PORT + 10))" \
+        --temp-dir="$TMP" --disable-usage-stats > "$DIR/logs/head.log" 2>&1 || { cat "$DIR/logs/head.log" >&2; exit 1; }
+    for i in $(seq 1 "$WORKERS"); do
+        say "starting Ray worker node $i ($WORKER_CPUS CPU)"
+        RAY_AUTH_MODE=token "$RAY" start --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 \
+            --num-cpus="$WORKER_CPUS" --object-store-memory="$obj_bytes" --temp-dir="$TMP-w$i" \
+            --dashboard-agent-listen-port="$((DASH_PORT + 10 + i))" \
+            > "$DIR/logs/worker-$i.log" 2>&1 || { cat "$DIR/logs/worker-$i.log" >&2; exit 1; }
+    done
+    if [ "$MLFLOW_PORT" != 0 ]; then
+        say "starting MLflow server on 127.0.0.1:$MLFLOW_PORT (SQLite backend, proxied local artifacts)"
+        nohup "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
+            --backend-store-uri "sqlite:///$DIR/mlflow.db" --artifacts-destination "$DIR/mlartifacts" \
+            --serve-artifacts --workers 1 > "$DIR/logs/mlflow.log" 2>&1 &
+        echo $! > "$DIR/mlflow.pid"
+        for _ in $(seq 1 120); do
+            curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null 2>&1 && break
+            kill -0 "$(cat "$DIR/mlflow.pid")" 2>/dev/null || { cat "$DIR/logs/mlflow.log" >&2; exit 1; }
+            sleep 0.5
+        done
+        curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null || { say "MLflow did not become healthy"; exit 1; }
+    fi
+    write_env
+    status
+}
+
+status() {
+    [ -f "$DIR/cluster.env" ] || { say "not up"; return 1; }
+    cat "$DIR/cluster.env"
+    if [ -f "$HOME/.ray/auth_token" ]; then echo "RAY_AUTH_TOKEN_FILE=$HOME/.ray/auth_token"; fi
+    RAY_AUTH_MODE=token "$RAY" status --address "127.0.0.1:$RAY_PORT" 2>/dev/null | sed -n '/Node status/,/Pending/p' || true
+}
+
+tree_pids() {  # the given pids and all their descendants
+    local p
+    for p in "$@"; do
+        echo "$p"
+        tree_pids $(pgrep -P "$p" || true)
+    done
+}
+
+alive() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+
+down() {
+    if [ -f "$DIR/mlflow.pid" ]; then
+        pid=$(cat "$DIR/mlflow.pid")
+        say "stopping MLflow server (pid $pid)"
+        pkill -TERM -P "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null || true
+        rm -f "$DIR/mlflow.pid"
+    fi
+    # Only this cluster's processes: its daemons carry its temp dir on their command line; their
+    # children (agents, workers) rename themselves (ray::IDLE, ...), so take whole process trees.
+    pids=$(tree_pids $(pgrep -f -- "$TMP" || true))
+    if [ -n "$pids" ]; then
+        say "stopping $(echo $pids | wc -w) Ray processes of $TMP"
+        kill -TERM $pids 2>/dev/null || true
+        for _ in $(seq 1 20); do alive $pids || break; sleep 0.5; done
+        kill -KILL $pids 2>/dev/null || true
+    fi
+    rm -f "$DIR/cluster.env"
+    say "down"
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    status) status ;;
+    *) echo "usage: $0 up|down|status   (settings: see the comment at the top)" >&2; exit 2 ;;
+esac

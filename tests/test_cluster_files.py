@@ -1,0 +1,51 @@
+"""Every manifest and YAML under cluster/ parses, and every Ray version pin agrees with the
+Ray pinned in pyproject.toml."""
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pinned_ray() -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [re.search(r"==([\d.]+)", d).group(1) for d in deps if d.startswith("ray[")]
+    return pin
+
+
+def test_cluster_yaml_parses_and_ray_pins_agree():
+    files = sorted((ROOT / "cluster").rglob("*.yaml"))
+    assert {f.name for f in files} >= {"raycluster.yaml", "rayjob-train.yaml", "rayjob-tune.yaml", "aws.yaml", "mlflow-server.yaml"}
+    version = pinned_ray()
+    seen = 0
+    for f in files:
+        text = f.read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        assert docs, f
+        for v in re.findall(r'rayVersion:\s*"?([\d.]+)', text):
+            assert v == version, f"{f}: rayVersion {v} != {version}"
+            seen += 1
+        for tag in re.findall(r"(?:rayproject/ray|ralflow):([\d.]+)", text):
+            assert tag == version, f"{f}: image tag {tag} != {version}"
+            seen += 1
+    assert seen >= 8
+
+
+def test_kuberay_manifests_have_the_three_node_types():
+    cluster = yaml.safe_load((ROOT / "cluster/kuberay/raycluster.yaml").read_text())
+    assert cluster["kind"] == "RayCluster"
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"cpu-data", "gpu-train"}
+    assert groups["gpu-train"]["rayStartParams"]["num-gpus"] == "1"
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    for name, workflow in (("rayjob-train.yaml", "workflows.train"), ("rayjob-tune.yaml", "workflows.tune")):
+        job = yaml.safe_load((ROOT / "cluster/kuberay" / name).read_text())
+        assert job["kind"] == "RayJob" and workflow in job["spec"]["entrypoint"]
+        assert {g["groupName"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]} == {"cpu-data", "gpu-train"}
+    launcher = yaml.safe_load((ROOT / "cluster/launcher/aws.yaml").read_text())
+    assert set(launcher["available_node_types"]) == {"head", "cpu_data", "gpu_train"}
+    assert launcher["available_node_types"]["gpu_train"]["resources"]["GPU"] == 1
