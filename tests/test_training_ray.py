@@ -62,6 +62,8 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
     manifest = load_manifest(tiny_dataset)
+    assert manifest["splits"]["val"]["num_images"] % 2 == 1  # odd: an equal 2-way split would drop one
+    assert [m.value for m in c.get_metric_history(run_id, "val_images")] == [manifest["splits"]["val"]["num_images"]] * 4
     best = run.data.metrics["best_val_mAP"]
     assert best > prevalence_baseline(manifest) + 0.05, (best, prevalence_baseline(manifest))
     assert sorted(p.name for p in (storage / "drill").glob("epoch-*"))      # checkpoints kept in storage

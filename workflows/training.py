@@ -2,8 +2,8 @@
 
 ``train_loop_per_worker`` runs in every Ray Train worker: it streams its share of the training
 split from Ray Data (decode/augmentation run in Ray Data tasks), trains the timm model with the
-configured loss, validates on the whole validation split every epoch (predictions gathered
-across workers, so the metric does not depend on the worker count), reports a checkpoint every
+configured loss, validates on the whole validation split every epoch (rank 0 scores every
+image exactly once, so the metric does not depend on the worker count), reports a checkpoint every
 epoch, and -- on rank 0 only -- logs the epoch's metrics to the run's MLflow run.
 """
 from __future__ import annotations
@@ -187,14 +187,16 @@ def train_loop_per_worker(config: dict) -> None:
                 print(f"[train] fault drill: worker {rank} exits now (epoch {epoch})", flush=True)
                 os._exit(1)
         train_time = time.perf_counter() - t0
-        probs, targets, masks = evaluate(model, val_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device),
-                                         device, autocast_dtype)
-        probs, targets, masks = gather_to_all(probs, targets, masks)
+        metrics_val: dict = {}
+        if rank == 0:  # the unwrapped module: no DDP collective while the other ranks wait
+            unwrapped = model.module if hasattr(model, "module") else model
+            probs, targets, masks = evaluate(unwrapped, val_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device),
+                                             device, autocast_dtype)
+            metrics_val = {"val_images": int(len(probs)), **epoch_metrics(probs, targets, masks, manifest)}
         totals = gather_to_all(np.array([loss_sum, seen, steps], dtype=np.float64))[0].reshape(-1, 3).sum(0)
         metrics = {"epoch": epoch, "train_loss": totals[0] / max(totals[1], 1), "lr": scheduler.get_last_lr()[0],
-                   "images_per_s": totals[1] / max(train_time, 1e-9), "epoch_time_s": time.perf_counter() - t0,
-                   "val_images": int(len(probs))}
-        metrics.update(epoch_metrics(probs, targets, masks, manifest) if rank == 0 else {})
+                   "images_per_s": totals[1] / max(train_time, 1e-9), "epoch_time_s": time.perf_counter() - t0}
+        metrics.update(metrics_val)
         scalar = {k: v for k, v in metrics.items() if k != "per_class_ap"}
         # Local mode (num_workers=0) does not persist reported checkpoints: write them in place.
         local_dir = config.get("local_checkpoint_root")
@@ -310,6 +312,9 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str | None, callbacks=Non
                                                          checkpoint_score_attribute="val_mAP", checkpoint_score_order="max"),
         ),
         datasets=datasets,
+        # Only training is sharded (Ray splits with equal=True, dropping rows to equalise the
+        # workers); validation is scored whole by rank 0, every image exactly once.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
