@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def plain_loop_images_per_s(data, image_size, model_name, batch_size, steps):
-    """Single process: the same decoded+augmented batches, materialised first, then trained on."""
+    """Single process, one thread (what the 1-CPU Ray worker gets): the same decoded and augmented
+    batches, materialised first, then trained on."""
     import torch
 
     from components.data.ingest import AugmentOptions, build_ray_dataset, normalize
@@ -36,6 +37,8 @@ def plain_loop_images_per_s(data, image_size, model_name, batch_size, steps):
         batches.append(b)
         if len(batches) == steps + 2:
             break
+    # Same compute as the Ray Train worker: Ray gives a 1-CPU worker one intra-op thread.
+    torch.set_num_threads(1)
     model = build_model(model_name, len(load_manifest(data)["label_names"]), 1)
     loss_fn = build_loss("ral")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
