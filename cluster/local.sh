@@ -19,7 +19,7 @@
 # Each node's dashboard agent gets its own port (DASHBOARD_PORT+10+i): two Ray nodes, or another
 # Ray instance, on one machine would otherwise fight over the default 52365 and the Jobs API
 # answers "No available agent to submit job".
-# Ray token authentication stays on: the head writes ~/.ray/auth_token; worker nodes and
+# Ray token authentication stays on: `up` makes sure ~/.ray/auth_token exists; worker nodes and
 # `ralflow submit` join with RAY_AUTH_MODE=token. Everything binds to 127.0.0.1.
 set -euo pipefail
 
@@ -64,8 +64,12 @@ up() {
     fi
     mkdir -p "$DIR/shared" "$DIR/logs" "$TMP"
     for i in $(seq 1 "$WORKERS"); do mkdir -p "$TMP-w$i"; done
-    say "starting Ray head on 127.0.0.1:$RAY_PORT ($HEAD_CPUS CPU, dashboard 127.0.0.1:$DASH_PORT)"
-    "$RAY" start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
+    # `ray start --head` turns token auth on only when a token already exists (else it starts
+    # unauthenticated and the worker nodes, joining with RAY_AUTH_MODE=token, are refused):
+    # make sure there is one (kept if present: ~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]).
+    RAY_AUTH_MODE=token "$RAY" get-auth-token --generate >/dev/null
+    say "starting Ray head on 127.0.0.1:$RAY_PORT ($HEAD_CPUS CPU, dashboard 127.0.0.1:$DASH_PORT, token auth)"
+    RAY_AUTH_MODE=token "$RAY" start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
         --object-store-memory="$obj_bytes" --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" \
         --dashboard-agent-listen-port="$((DASH_PORT + 10))" \
         --temp-dir="$TMP" --disable-usage-stats > "$DIR/logs/head.log" 2>&1 || { cat "$DIR/logs/head.log" >&2; exit 1; }
