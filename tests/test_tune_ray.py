@@ -40,13 +40,14 @@ def trial_states(tmp_path) -> dict:
 
 def test_sweep_killed_then_resumed_keeps_finished_trials(tiny_dataset, tmp_path, ray_address):
     args = sweep_args(tiny_dataset, tmp_path, ray_address)
-    proc = subprocess.Popen([RALFLOW, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = tmp_path / "first-attempt.log"  # a file, not a pipe: nobody drains a pipe while we wait, and a full one blocks the sweep
+    with log.open("w") as out:
+        proc = subprocess.Popen([RALFLOW, *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and "TERMINATED" not in trial_states(tmp_path).values():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(2)
-    assert "TERMINATED" in trial_states(tmp_path).values(), "no trial finished in time"
+    assert "TERMINATED" in trial_states(tmp_path).values(), "no trial finished in time:\n" + log.read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep dies mid-way
     proc.wait()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
