@@ -1,6 +1,6 @@
 """Forward+backward time of every loss vs BCE, eager and torch.compile'd, in one run.
 
-    python bench/losses.py [--device cuda] [--no-compile] [--repeats 200]
+    python bench/losses.py [--device cuda] [--no-compile] [--repeats 200] [--threads 1]
 
 Prints a table of median microseconds per forward+backward and the ratio to ``bce`` measured
 in the same run (ratios are what to compare across machines; absolute numbers are noisy on
@@ -28,23 +28,30 @@ def loss_kwargs(name: str, c: int) -> dict:
     return {"cb": {"class_counts": counts}, "db": {"class_counts": counts, "num_samples": 10000}}.get(name, {})
 
 
-def time_fwd_bwd(fn, x, y, repeats: int, warmup: int, device: str) -> float:
-    def step():
+def time_interleaved(fns: dict, x, y, repeats: int, warmup: int, device: str) -> dict:
+    """Median microseconds per forward+backward of each fn. The fns take turns, one step each
+    per round in a rotating order, so drift on a shared machine hits every loss alike."""
+    def step(fn):
         xr = x.detach().requires_grad_()
         fn(xr, y).backward()
 
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(repeats):
+    def sync():
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            step(fn)
+    names = list(fns)
+    samples: dict = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync()
+            t0 = time.perf_counter()
+            step(fns[name])
+            sync()
+            samples[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) * 1e6 for n, v in samples.items()}
 
 
 def main() -> int:
@@ -54,7 +61,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     ap.add_argument("--losses", default=",".join(loss_names()))
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = [n for n in args.losses.split(",") if n]
     if "bce" not in names:
         names.insert(0, "bce")
@@ -64,18 +74,21 @@ def main() -> int:
     for n, c in SHAPES:
         x = torch.randn(n, c, device=args.device) * 3
         y = (torch.rand(n, c, device=args.device) < 0.1).float()
-        rows = {}
-        for name in names:
-            loss = build_loss(name, **loss_kwargs(name, c)).to(args.device)
-            eager = time_fwd_bwd(loss, x, y, args.repeats, args.warmup, args.device)
-            compiled = float("nan")
-            if not args.no_compile:
-                try:
-                    compiled = time_fwd_bwd(torch.compile(loss), x, y, args.repeats, args.warmup, args.device)
-                except Exception as exc:  # a missing compiler toolchain should not hide the eager numbers
+        eager = {name: build_loss(name, **loss_kwargs(name, c)).to(args.device) for name in names}
+        compiled = {}
+        if not args.no_compile:
+            for name, loss in eager.items():
+                try:  # compile here so a missing compiler toolchain shows up before timing
+                    fn = torch.compile(loss)
+                    fn(x.detach().requires_grad_(), y).backward()
+                    compiled[name] = fn
+                except Exception as exc:  # ... and does not hide the eager numbers
                     print(f"  torch.compile failed for {name}: {type(exc).__name__}: {exc}".splitlines()[0])
-            rows[name] = (eager, compiled)
-            print(f"  measured {name} at N={n} C={c}", file=sys.stderr, flush=True)
+        t_eager = time_interleaved(eager, x, y, args.repeats, args.warmup, args.device)
+        print(f"  measured eager at N={n} C={c}", file=sys.stderr, flush=True)
+        t_comp = time_interleaved(compiled, x, y, args.repeats, args.warmup, args.device) if compiled else {}
+        print(f"  measured compiled at N={n} C={c}", file=sys.stderr, flush=True)
+        rows = {name: (t_eager[name], t_comp.get(name, float("nan"))) for name in names}
         be, bc = rows["bce"]
         print(f"\nN={n}, C={c}")
         print(f"| loss | eager us | eager / bce | compiled us | compiled / bce |")

@@ -430,6 +430,12 @@ GRAD_CASES = [
      {"ep": 1.0, "epp": -2.5, "hill": "code", "detach": True, "gamma_pos": 1, "clip": 0.2, "lamb": 2.0}),
     ("ral", {"clip": 0.0, "gamma_neg": 0, "epsilon_neg": -0.3, "epsilon_pos": -0.5, "epsilon_pos_pow": 1.0},
      {"clip": 0.0, "gamma_neg": 0, "en": -0.3, "ep": -0.5, "epp": 1.0, "hill": "code", "detach": False}),
+    # gamma_neg <= 1 with a clip: the kernel must mask where the clip saturates (p <= clip)
+    ("ral", {"gamma_neg": 1, "clip": 0.1}, {"gamma_neg": 1, "clip": 0.1, "ep": 1.0, "epp": -2.5, "hill": "code", "detach": False}),
+    ("apl", {"gamma_neg": 0.0, "clip": 0.1, "epsilon_neg": 0.4}, {"gamma_neg": 0.0, "clip": 0.1, "en": 0.4, "ep": 1.0, "epp": -2.5}),
+    # clip below eps: the eps floor on 1 - q is live again
+    ("apl", {"gamma_neg": 1.5, "clip": 1e-9, "detach_focal_weight": False},
+     {"gamma_neg": 1.5, "clip": 1e-9, "ep": 1.0, "epp": -2.5, "detach": False}),
 ]
 
 
@@ -454,3 +460,19 @@ def test_fused_gradient_passes_gradcheck(name):
     y = (torch.rand(5, 4, generator=g) < 0.5).double()
     loss = build_loss(name, reduction="sum", gamma_pos=1, detach_focal_weight=False)
     assert torch.autograd.gradcheck(lambda t: loss(t, y), (x,))
+
+
+@pytest.mark.parametrize("exponent", [0, 0.5, 1, 2, 3, 4, 5, 7, 8, 9, 2.5])
+def test_power_matches_pow_and_never_aliases_its_input(exponent):
+    from components.losses.base import power
+
+    base = (torch.rand(7, 3, dtype=torch.float64) * 1.5).requires_grad_()
+    got, want = power(base, exponent), base.pow(exponent)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    (g_got,) = torch.autograd.grad(got.sum(), base)
+    (g_want,) = torch.autograd.grad(want.sum(), base)
+    assert torch.allclose(g_got, g_want, rtol=1e-12, atol=1e-300)
+    plain = base.detach().clone()
+    out = power(plain, exponent)
+    out.mul_(0)  # the fused kernel scales its result in place: base must be untouched
+    assert out.data_ptr() != plain.data_ptr() and torch.equal(plain, base.detach())

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from .base import power
+
 
 @dataclass(frozen=True)
 class AsymmetricConfig:
@@ -34,10 +36,6 @@ class AsymmetricConfig:
     hill: str | None = None       # None | "code" | "paper"
     lamb: float = 1.5
     detach_focal_weight: bool = True
-
-
-def _power(base: torch.Tensor, exponent: float) -> torch.Tensor:
-    return base.square() if exponent == 2 else base.pow(exponent)
 
 
 def asymmetric_loss_and_grad(x: torch.Tensor, y: torch.Tensor, cfg: AsymmetricConfig, need_grad: bool):
@@ -61,19 +59,24 @@ def asymmetric_loss_and_grad(x: torch.Tensor, y: torch.Tensor, cfg: AsymmetricCo
         dlp.masked_fill_(p < cfg.eps, 0.0)
     if focusing and cfg.gamma_pos > 0:
         one_minus_p = 1 - p
-        wp = _power(one_minus_p, cfg.gamma_pos)
+        wp = power(one_minus_p, cfg.gamma_pos)
         if need_grad:
             dlp.mul_(wp)
             if not cfg.detach_focal_weight:  # + Lp * d(1-p)^g/dp
-                dwp = _power(one_minus_p, cfg.gamma_pos - 1).mul_(-cfg.gamma_pos) if cfg.gamma_pos != 1 else -torch.ones_like(p)
-                dlp.add_(dwp.nan_to_num_(posinf=0.0, neginf=0.0).mul_(lp))
+                dwp = power(one_minus_p, cfg.gamma_pos - 1).mul_(-cfg.gamma_pos) if cfg.gamma_pos != 1 else -torch.ones_like(p)
+                if cfg.gamma_pos < 1:  # (1-p)^(g-1) is inf at p = 1
+                    dwp.nan_to_num_(posinf=0.0, neginf=0.0)
+                dlp.add_(dwp.mul_(lp))
         lp.mul_(wp)
 
     # ---- negative branch ---------------------------------------------------------------
-    r_raw = 1 - p + cfg.clip if cfg.clip > 0 else 1 - p
-    shifted = r_raw < 1 if cfg.clip > 0 else None  # where dr/dp = -1 (else r is clamped at 1)
-    r = r_raw.clamp_(max=1) if cfg.clip > 0 else r_raw
-    Q = r.clamp(min=cfg.eps)
+    clipped = cfg.clip > 0
+    r = (1 - p).add_(cfg.clip).clamp_(max=1) if clipped else 1 - p
+    # Where the clip saturates (r == 1, p <= clip) dr/dp = 0. With gamma_neg > 1 every gradient
+    # term of this branch is scaled by q^g or g q^(g-1), both exactly 0 there: no mask needed.
+    shifted = r < 1 if clipped and cfg.gamma_neg <= 1 else None
+    floored = cfg.clip < cfg.eps  # r >= clip, so the eps floor can only act when clip < eps
+    Q = r.clamp(min=cfg.eps) if floored else r
     ln = torch.log(Q)
     if cfg.epsilon_neg:
         ln.add_(Q * cfg.epsilon_neg)
@@ -83,7 +86,8 @@ def asymmetric_loss_and_grad(x: torch.Tensor, y: torch.Tensor, cfg: AsymmetricCo
         dln = Q.reciprocal()
         if cfg.epsilon_neg:
             dln.add_(cfg.epsilon_neg)
-        dln.masked_fill_(r < cfg.eps, 0.0)
+        if floored:
+            dln.masked_fill_(r < cfg.eps, 0.0)
         if shifted is not None:
             dln.masked_fill_(~shifted, 0.0)
     if cfg.hill is not None:
@@ -93,13 +97,12 @@ def asymmetric_loss_and_grad(x: torch.Tensor, y: torch.Tensor, cfg: AsymmetricCo
             h = lamb_minus_p
             dh = None  # dH/dp = -1
         else:
-            p2 = p.square()
+            p2 = p * p
             lamb_minus_r = lamb - r
             h = lamb_minus_p * p2
             if need_grad:
                 # d/dp[(l-p) p^2 (l-r)] = p (2l - 3p)(l-r) + (l-p) p^2 * [r shifted]
-                term = h.clone() if shifted is None else h * shifted
-                dh = (p * (2 * lamb) - 3 * p2).mul_(lamb_minus_r).add_(term)
+                dh = (p * (2 * lamb) - 3 * p2).mul_(lamb_minus_r).add_(h if shifted is None else h * shifted)
             h = h.mul_(lamb_minus_r)
         if need_grad:
             dln.mul_(h)
@@ -107,14 +110,16 @@ def asymmetric_loss_and_grad(x: torch.Tensor, y: torch.Tensor, cfg: AsymmetricCo
         ln.mul_(h)
     if focusing and cfg.gamma_neg > 0:
         q = 1 - r
-        wn = _power(q, cfg.gamma_neg)
+        wn = power(q, cfg.gamma_neg)
         if need_grad:
             dln.mul_(wn)
             if not cfg.detach_focal_weight:  # + Ln * d q^g/dp, dq/dp = 1 where r is shifted
-                dwn = _power(q, cfg.gamma_neg - 1).mul_(cfg.gamma_neg) if cfg.gamma_neg != 1 else torch.ones_like(q)
+                dwn = power(q, cfg.gamma_neg - 1).mul_(cfg.gamma_neg) if cfg.gamma_neg != 1 else torch.ones_like(q)
                 if shifted is not None:
                     dwn.masked_fill_(~shifted, 0.0)
-                dln.add_(dwn.nan_to_num_(posinf=0.0, neginf=0.0).mul_(ln))
+                if cfg.gamma_neg < 1:  # q^(g-1) is inf at q = 0
+                    dwn.nan_to_num_(posinf=0.0, neginf=0.0)
+                dln.add_(dwn.mul_(ln))
         ln.mul_(wn)
 
     loss = torch.lerp(ln, lp, y)

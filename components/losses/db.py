@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import MultiLabelLoss, as_count_buffer, check_finite_number, check_num_classes, check_param
+from .base import MultiLabelLoss, as_count_buffer, check_finite_number, check_num_classes, check_param, power
 from .registry import register_loss
 
 
@@ -70,6 +70,6 @@ class DistributionBalancedLoss(MultiLabelLoss):
         # 3. Focal term.
         ce = F.binary_cross_entropy_with_logits(z, y, reduction="none")
         pt = torch.exp(-ce)
-        return self.balance_param * (1 - pt).pow(self.gamma) * w * ce
+        return self.balance_param * power(1 - pt, self.gamma) * w * ce
 
 

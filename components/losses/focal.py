@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import MultiLabelLoss, check_finite_number, check_param
+from .base import MultiLabelLoss, check_finite_number, check_param, power
 from .registry import register_loss
 
 
@@ -25,7 +25,7 @@ class FocalLoss(MultiLabelLoss):
         p = torch.sigmoid(x)
         ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
         pt = y * p + (1 - y) * (1 - p)
-        loss = (1 - pt).pow(self.gamma) * ce
+        loss = power(1 - pt, self.gamma) * ce
         if self.alpha >= 0:
             loss = (self.alpha * y + (1 - self.alpha) * (1 - y)) * loss
         return loss

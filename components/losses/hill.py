@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import MultiLabelLoss, check_finite_number, check_param
+from .base import MultiLabelLoss, check_finite_number, check_param, power
 from .registry import register_loss
 
 
 def hill_negative(p: torch.Tensor, lamb: float) -> torch.Tensor:
     """Hill's negative term ``(lamb - p) * p^2`` (also a factor of RAL's negative branch)."""
-    return (lamb - p) * p.pow(2)
+    return (lamb - p) * (p * p)
 
 
 def check_lamb(loss: str, lamb) -> float:
@@ -37,6 +37,6 @@ class HillLoss(MultiLabelLoss):
         shifted = x - self.margin
         log_s = F.logsigmoid(shifted)
         one_minus_s = torch.sigmoid(-shifted)
-        loss_pos = -one_minus_s.pow(self.gamma) * log_s
+        loss_pos = -power(one_minus_s, self.gamma) * log_s
         loss_neg = hill_negative(torch.sigmoid(x), self.lamb)
         return y * loss_pos + (1 - y) * loss_neg
