@@ -69,7 +69,10 @@ up() {
     # make sure there is one (kept if present: ~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]).
     RAY_AUTH_MODE=token "$RAY" get-auth-token --generate >/dev/null
     say "starting Ray head on 127.0.0.1:$RAY_PORT ($HEAD_CPUS CPU, dashboard 127.0.0.1:$DASH_PORT, token auth)"
+    # --system-config: keep idle task workers 60 s (default 1 s), or every epoch's Ray Data tasks
+    # start fresh Python processes while training waits (see workflows/raylib.py SYSTEM_CONFIG).
     RAY_AUTH_MODE=token "$RAY" start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
+        --system-config='{"idle_worker_killing_time_threshold_ms": 60000}' \
         --object-store-memory="$obj_bytes" --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" \
         --dashboard-agent-listen-port="$((DASH_PORT + 10))" \
         --temp-dir="$TMP" --disable-usage-stats > "$DIR/logs/head.log" 2>&1 || { cat "$DIR/logs/head.log" >&2; exit 1; }

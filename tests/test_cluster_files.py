@@ -49,3 +49,15 @@ def test_kuberay_manifests_have_the_three_node_types():
     launcher = yaml.safe_load((ROOT / "cluster/launcher/aws.yaml").read_text())
     assert set(launcher["available_node_types"]) == {"head", "cpu_data", "gpu_train"}
     assert launcher["available_node_types"]["gpu_train"]["resources"]["GPU"] == 1
+
+
+def test_every_cluster_recipe_keeps_idle_workers_like_local_ray():
+    """The idle-worker timeout that keeps Ray Data's per-epoch tasks warm (workflows/raylib.py)
+    is set, with the same value, wherever cluster/ starts a Ray head."""
+    from workflows.raylib import SYSTEM_CONFIG
+
+    ((key, value),) = SYSTEM_CONFIG.items()
+    for rel in ("cluster/local.sh", "cluster/kuberay/raycluster.yaml", "cluster/launcher/aws.yaml"):
+        text = (ROOT / rel).read_text()
+        found = re.findall(rf'{key}\\?"?:\s*(\d+)', text)
+        assert found == [str(value)], f"{rel}: {key} = {found}, want [{value}]"

@@ -48,3 +48,12 @@ def test_prepare_bad_source_is_one_line_error(tmp_path, cli):
     r = cli("prepare", "--format", "nih", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--local")
     assert r.returncode == 2
     assert r.stderr.strip() == f"ralflow prepare: error: --source {tmp_path / 'nope'}: not a directory"
+
+
+def test_local_ray_keeps_idle_workers_between_epochs(ray_address):
+    import ray._private.state
+
+    from workflows.raylib import SYSTEM_CONFIG
+
+    config = ray._private.state.state.get_system_config()
+    assert {k: config.get(k) for k in SYSTEM_CONFIG} == SYSTEM_CONFIG

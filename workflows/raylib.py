@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 
+# Ray kills idle task workers after 1 s by default, so each epoch's Ray Data tasks start new
+# Python processes (torch, PIL imports) while the training loop waits: measured 5.4 s of data wait
+# per epoch on 2 CPUs, 1.3 s with this (bench/train.py). cluster/ passes the same to `ray start`.
+SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
 def free_port() -> int:
     import socket
 
@@ -42,7 +48,7 @@ def start_local_ray(num_cpus: int | None = None, **kwargs) -> str:
     port = free_port()
     os.environ["RAY_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, **kwargs)
+             dashboard_port=port, _system_config=SYSTEM_CONFIG, **kwargs)
     return ray.get_runtime_context().gcs_address
 
 

@@ -167,8 +167,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     for epoch in range(start_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
-        loss_sum, seen, steps = 0.0, 0, 0
+        loss_sum, seen, steps, data_wait = 0.0, 0, 0, 0.0
+        t_wait = t0
         for batch in train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device):
+            data_wait += time.perf_counter() - t_wait  # time the loop stood waiting for this batch
             x, y, mask = normalize(batch["image"]), batch["labels"], batch["mask"]
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 logits = model(x)
@@ -186,6 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
                 drill_marker.write_text(f"worker {rank} exited at epoch {epoch}\n")
                 print(f"[train] fault drill: worker {rank} exits now (epoch {epoch})", flush=True)
                 os._exit(1)
+            t_wait = time.perf_counter()
         train_time = time.perf_counter() - t0
         metrics_val: dict = {}
         if rank == 0:  # the unwrapped module: no DDP collective while the other ranks wait
@@ -195,7 +198,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics_val = {"val_images": int(len(probs)), **epoch_metrics(probs, targets, masks, manifest)}
         totals = gather_to_all(np.array([loss_sum, seen, steps], dtype=np.float64))[0].reshape(-1, 3).sum(0)
         metrics = {"epoch": epoch, "train_loss": totals[0] / max(totals[1], 1), "lr": scheduler.get_last_lr()[0],
-                   "images_per_s": totals[1] / max(train_time, 1e-9), "epoch_time_s": time.perf_counter() - t0}
+                   "images_per_s": totals[1] / max(train_time, 1e-9), "epoch_time_s": time.perf_counter() - t0,
+                   "data_wait_frac": data_wait / max(train_time, 1e-9)}  # rank 0's share of time starved of data
         metrics.update(metrics_val)
         scalar = {k: v for k, v in metrics.items() if k != "per_class_ap"}
         # Local mode (num_workers=0) does not persist reported checkpoints: write them in place.
@@ -217,7 +221,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} loss {scalar['train_loss']:.4f} "
                   f"val mAP {scalar['val_mAP']:.4f} (head {scalar['val_mAP_head']:.4f} medium {scalar['val_mAP_medium']:.4f} "
                   f"tail {scalar['val_mAP_tail']:.4f}) AUROC {scalar['val_AUROC']:.4f} "
-                  f"{scalar['images_per_s']:.0f} img/s {scalar['epoch_time_s']:.1f}s", flush=True)
+                  f"{scalar['images_per_s']:.0f} img/s (data wait {scalar['data_wait_frac']:.0%}) {scalar['epoch_time_s']:.1f}s", flush=True)
 
 
 # -- the driver side ----------------------------------------------------------------------------
