@@ -107,7 +107,10 @@ def main() -> int:
         a2 = n / (time.perf_counter() - t0)
 
     # (b) Ray Data pipeline
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    from workflows.raylib import SYSTEM_CONFIG  # the Ray settings ralflow itself starts with
+
+    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             _system_config=SYSTEM_CONFIG)
     ds = build_ray_dataset(work / "data", "train", args.image_size, augment, batch_size=args.batch_size)
     for _ in ds.limit(args.batch_size).iter_torch_batches(batch_size=args.batch_size):
         pass  # warm-up: actor start
