@@ -54,8 +54,6 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     run_id = re.search(r"run id: (\w+)", r.stdout).group(1)
     assert (storage / "drill" / ".fault-drill-done").read_text().startswith("worker 1 exited at epoch 1")
     assert "resumed from checkpoint of epoch 0" in r.stdout + r.stderr
-    for k in range(1, 5):  # one progress line per epoch: not lost to the failure, not printed twice
-        assert len(re.findall(rf"\[train\] epoch {k}/4 ", r.stdout + r.stderr)) == 1, (k, r.stdout[-3000:])
 
     c = mlflow.MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])

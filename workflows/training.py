@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -109,13 +108,6 @@ def epoch_metrics(probs, targets, masks, manifest) -> dict:
 
 # -- the Ray Train worker loop ----------------------------------------------------------------
 
-def worker_print(message: str) -> None:
-    """Print once from a Ray Train worker. Train V2 replaces ``print`` with one that logs *and*,
-    when a library has wrapped sys.stdout, prints too: every line came out twice. A print to the
-    process's own stdout is left alone, and Ray streams it to the driver."""
-    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
-
-
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -159,7 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
         scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
         if rank == 0:
-            worker_print(f"[train] resumed from checkpoint of epoch {state['epoch']} (restart in the same MLflow run {run_id})")
+            print(f"[train] resumed from checkpoint of epoch {state['epoch']} (restart in the same MLflow run {run_id})", flush=True)
             if run_id:  # the epoch may have been checkpointed but not logged before the failure
                 tracking.log_epoch(tracking.client(cfg.tracking.tracking_uri), run_id, state["metrics"], state["epoch"])
 
@@ -194,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
             if (cfg.train.fail_at_epoch == epoch and rank == world - 1 and steps == 1
                     and not drill_marker.exists() and config.get("drill_marker")):
                 drill_marker.write_text(f"worker {rank} exited at epoch {epoch}\n")
-                worker_print(f"[train] fault drill: worker {rank} exits now (epoch {epoch})")
+                print(f"[train] fault drill: worker {rank} exits now (epoch {epoch})", flush=True)
                 os._exit(1)
             t_wait = time.perf_counter()
         train_time = time.perf_counter() - t0
@@ -226,10 +218,10 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             if mlflow_client:  # logged after the checkpoint is safe: a restart never logs an epoch twice
                 tracking.log_epoch(mlflow_client, run_id, scalar, epoch)
-            worker_print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} loss {scalar['train_loss']:.4f} "
+            print(f"[train] epoch {epoch + 1}/{cfg.train.epochs} loss {scalar['train_loss']:.4f} "
                   f"val mAP {scalar['val_mAP']:.4f} (head {scalar['val_mAP_head']:.4f} medium {scalar['val_mAP_medium']:.4f} "
                   f"tail {scalar['val_mAP_tail']:.4f}) AUROC {scalar['val_AUROC']:.4f} "
-                  f"{scalar['images_per_s']:.0f} img/s (data wait {scalar['data_wait_frac']:.0%}) {scalar['epoch_time_s']:.1f}s")
+                  f"{scalar['images_per_s']:.0f} img/s (data wait {scalar['data_wait_frac']:.0%}) {scalar['epoch_time_s']:.1f}s", flush=True)
 
 
 # -- the driver side ----------------------------------------------------------------------------
