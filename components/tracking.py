@@ -84,6 +84,23 @@ def log_epoch(c, run_id: str, metrics: dict, epoch: int) -> None:
     c.log_batch(run_id, metrics=batch)
 
 
+RESTART_METRIC = "restart_from_epoch"
+
+
+def log_restart(c, run_id: str, epoch: int) -> None:
+    """Record that training restarted from the checkpoint of ``epoch`` (one value per restart)."""
+    from mlflow.entities import Metric
+    import time
+
+    c.log_batch(run_id, metrics=[Metric(RESTART_METRIC, float(epoch), int(time.time() * 1000), epoch)])
+
+
+def restarts(c, run_id: str) -> list[int]:
+    """The epochs a run restarted from, in the order the restarts happened."""
+    history = sorted(c.get_metric_history(run_id, RESTART_METRIC), key=lambda m: m.timestamp)
+    return [int(m.value) for m in history]
+
+
 def log_params(c, run_id: str, params: dict) -> None:
     """Flattened params; values are strings capped to MLflow's limit. Params already logged
     (a resumed run) are skipped: MLflow refuses to change a logged param."""

@@ -109,3 +109,28 @@ def test_unreachable_tracking_server_fails_fast(cli, tiny_dataset, tmp_path):
 def test_train_without_manifest_is_clear(cli, tmp_path):
     r = cli("train", "--data", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 2 and "no manifest.json" in r.stderr
+
+
+def test_resume_picks_the_newest_complete_checkpoint_of_this_run(tmp_path):
+    """A checkpoint written just before a worker failure is in storage but unknown to Ray: resume
+    from it, never from another run's folder or a half-written file."""
+    import torch
+
+    from workflows.training import CHECKPOINT_FILE, newest_checkpoint_state
+
+    def write(epoch: int, run_id: str, corrupt: bool = False):
+        d = tmp_path / f"epoch-{epoch:04d}"
+        d.mkdir()
+        torch.save({"run_id": run_id, "epoch": epoch}, d / CHECKPOINT_FILE)
+        if corrupt:
+            (d / CHECKPOINT_FILE).write_bytes((d / CHECKPOINT_FILE).read_bytes()[:40])
+
+    assert newest_checkpoint_state(str(tmp_path), "a", None, "cpu") is None      # fresh start
+    write(0, "a"), write(1, "a"), write(2, "b"), write(3, "a", corrupt=True)
+    (tmp_path / "epoch-notes").mkdir()
+    assert newest_checkpoint_state(str(tmp_path), "a", None, "cpu")["epoch"] == 1
+    assert newest_checkpoint_state(str(tmp_path), None, None, "cpu")["epoch"] == 2
+    assert newest_checkpoint_state(str(tmp_path / "missing"), "a", None, "cpu") is None
+    import ray.train
+    registered = ray.train.Checkpoint.from_directory(str(tmp_path / "epoch-0000"))  # Ray's, when storage has none
+    assert newest_checkpoint_state(str(tmp_path / "missing"), "a", registered, "cpu")["epoch"] == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from contextlib import nullcontext
@@ -106,6 +107,37 @@ def epoch_metrics(probs, targets, masks, manifest) -> dict:
     return out
 
 
+def newest_checkpoint_state(storage_dir: str, run_id: str | None, registered, device) -> dict | None:
+    """The state to resume from: the newest complete checkpoint of this MLflow run in the run's
+    storage folder, else the checkpoint Ray registered, else None (a fresh start).
+
+    Ray Train V2 registers a reported checkpoint only when its controller next polls the workers.
+    A worker that fails in between restarts the group from the previous checkpoint although the
+    newer one is already in storage and its epoch already logged to MLflow; resuming from storage
+    keeps the model and the MLflow history on one trajectory. Checkpoints of another run (a reused
+    folder) and half-written ones are skipped."""
+    import pyarrow.fs
+    import ray.train
+    import torch
+
+    def load(ckpt):
+        with ckpt.as_directory() as d:
+            return torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_dir)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    dirs = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                   and re.fullmatch(r"epoch-\d+", i.base_name)), reverse=True)
+    for path in dirs:
+        try:
+            state = load(ray.train.Checkpoint(path, filesystem=fs))
+        except Exception:  # noqa: BLE001 - incomplete or unreadable: try the one before
+            continue
+        if run_id is None or state.get("run_id") == run_id:
+            return state
+    return load(registered) if registered else None
+
+
 # -- the Ray Train worker loop ----------------------------------------------------------------
 
 def train_loop_per_worker(config: dict) -> None:
@@ -140,10 +172,8 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+    state = newest_checkpoint_state(config["storage_dir"], run_id, ray.train.get_checkpoint(), device)
+    if state:
         unwrapped = model.module if hasattr(model, "module") else model
         unwrapped.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -153,7 +183,11 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[train] resumed from checkpoint of epoch {state['epoch']} (restart in the same MLflow run {run_id})", flush=True)
             if run_id:  # the epoch may have been checkpointed but not logged before the failure
-                tracking.log_epoch(tracking.client(cfg.tracking.tracking_uri), run_id, state["metrics"], state["epoch"])
+                c = tracking.client(cfg.tracking.tracking_uri)
+                tracking.log_epoch(c, run_id, state["metrics"], state["epoch"])
+                # A durable record of the restart: worker stdout reaches the driver through Ray's
+                # log monitor, which may drop lines around a worker failure.
+                tracking.log_restart(c, run_id, state["epoch"])
 
     mlflow_client = tracking.client(cfg.tracking.tracking_uri) if rank == 0 and run_id else None
     import ray
@@ -209,7 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 Path(tmp).mkdir(parents=True, exist_ok=True)
                 unwrapped = model.module if hasattr(model, "module") else model
-                torch.save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                torch.save({"run_id": run_id, "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                             "epoch": epoch, "metrics": scalar, "per_class_ap": metrics["per_class_ap"]},
                            Path(tmp) / CHECKPOINT_FILE)
@@ -300,12 +334,16 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str | None, callbacks=Non
     name = name or cfg.tracking.run_name
     drill = f"{storage}/{name}/.fault-drill-done" if cfg.train.fail_at_epoch is not None and "://" not in storage else None
     workers = cfg.train.num_workers
+    # Train V2 patches print() in workers to both log and tee it, so every worker line reached the
+    # driver twice. Plain print keeps one copy; Ray forwards this variable to the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     resources = {"CPU": cfg.train.cpus_per_worker} if workers else None
     if resources and cfg.train.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "manifest": manifest, "mlflow_run_id": run_id, "drill_marker": drill,
+                           "storage_dir": f"{storage}/{name}",
                            "local_checkpoint_root": f"{storage}/{name}" if workers == 0 else None},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
                                                placement_strategy=cfg.train.placement_strategy),
@@ -333,6 +371,26 @@ def best_checkpoint_state(result) -> dict:
         return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
+def prune_unregistered_checkpoints(result) -> None:
+    """Delete checkpoint folders Ray's checkpoint manager never registered (written just before a
+    worker failure, see newest_checkpoint_state), so ``keep_checkpoints`` still bounds storage."""
+    import pyarrow.fs
+
+    if not result.path:
+        return  # local mode (num_workers=0) has no Ray-managed storage
+    kept = {c.path.rstrip("/") for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint:
+        kept.add(result.checkpoint.path.rstrip("/"))
+    root = result.path.rstrip("/")
+    if not any(p.startswith(root + "/") for p in kept):
+        return  # nothing here that Ray manages: not Ray's to judge
+    fs = result.filesystem
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        if (info.type == pyarrow.fs.FileType.Directory and re.fullmatch(r"epoch-\d+", info.base_name)
+                and info.path.rstrip("/") not in kept):
+            fs.delete_dir(info.path)
+
+
 def finish_run(cfg: Config, manifest: dict, c, run_id: str, state: dict, log=print) -> dict:
     """Log the best epoch's model, summary metrics and per-class AP artifacts; close the run."""
     from components import tracking
@@ -356,6 +414,9 @@ def finish_run(cfg: Config, manifest: dict, c, run_id: str, state: dict, log=pri
         tracking.log_model(run_id, cfg.tracking.tracking_uri, state["model"], cfg.model.name, cfg.model.in_chans,
                            cfg.data.image_size, names)
     c.set_terminated(run_id, "FINISHED")
+    if (restarts := tracking.restarts(c, run_id)):  # after a worker failure or a rerun of the same run name
+        log(f"[train] this MLflow run resumed {len(restarts)}x, from the checkpoints of epochs "
+            f"{', '.join(map(str, restarts))} (MLflow metric {tracking.RESTART_METRIC})")
     log(f"[train] best epoch {state['epoch'] + 1}: val mAP {state['metrics']['val_mAP']:.4f} "
         f"(head {state['metrics']['val_mAP_head']:.4f}, medium {state['metrics']['val_mAP_medium']:.4f}, "
         f"tail {state['metrics']['val_mAP_tail']:.4f}); model logged to runs:/{run_id}/model")
@@ -380,4 +441,6 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     if result.error:
         c.set_terminated(run_id, "FAILED")
         raise result.error
-    return finish_run(cfg, manifest, c, run_id, best_checkpoint_state(result), log)
+    state = best_checkpoint_state(result)
+    prune_unregistered_checkpoints(result)
+    return finish_run(cfg, manifest, c, run_id, state, log)

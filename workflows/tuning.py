@@ -99,9 +99,11 @@ def make_trial_fn(base: dict, manifest: dict, parent_run_id: str, sweep: str, st
         if result.error:
             c.set_terminated(run_id, "FAILED")
             raise result.error
-        from workflows.training import best_checkpoint_state
+        from workflows.training import best_checkpoint_state, prune_unregistered_checkpoints
 
-        finish_run(cfg, manifest, c, run_id, best_checkpoint_state(result), say)
+        state = best_checkpoint_state(result)
+        prune_unregistered_checkpoints(result)
+        finish_run(cfg, manifest, c, run_id, state, say)
 
     return trial
 
