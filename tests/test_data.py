@@ -3,6 +3,7 @@ atomic/resumable shards, manifest contents, synth determinism."""
 from __future__ import annotations
 
 import csv
+import math
 import json
 import os
 from pathlib import Path
@@ -214,3 +215,101 @@ def test_synth_is_deterministic_and_patient_disjoint(tmp_path):
     train_p = {p for p, s in zip(t.patient_id, t.split) if s == "train"}
     val_p = {p for p, s in zip(t.patient_id, t.split) if s == "val"}
     assert train_p and val_p and not train_p & val_p
+
+
+def test_a_cancel_during_the_decoders_imports_is_held_until_they_finish():
+    """Ray cancels a running task by interrupting the main thread; one landing mid-import would
+    leave half-imported modules behind in a worker process Ray reuses. The interrupt is held back
+    until the guarded block ends, then raised."""
+    import _thread
+
+    from components.data.ingest import deferred_interrupts
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            _thread.interrupt_main()
+            for i in range(200_000):  # bytecode runs on: an unguarded interrupt would land here
+                pass
+            steps.append("block finished")
+    assert steps == ["block finished"]
+    with deferred_interrupts():  # the handler is restored and nothing is left pending
+        steps.append("quiet")
+    assert steps == ["block finished", "quiet"]
+
+
+def _params(n, **kw):
+    import torch
+
+    base = {"w": 1.0, "h": 1.0, "cx": 0.0, "cy": 0.0, "angle": 0.0, "brightness": 1.0, "contrast": 1.0}
+    base.update(kw)
+    p = {k: torch.full((n,), float(v)) for k, v in base.items()}
+    p["flip"] = torch.full((n,), bool(kw.get("flip", False)))
+    return p
+
+
+def test_batched_augmentation_matches_torchvision_geometry():
+    """Each step of the vectorised augmentation against torchvision's own functional ops."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    from components.data.ingest import AugmentOptions, augment_batch, resize_batch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8, generator=g)
+    opts = AugmentOptions()
+    assert torch.equal(augment_batch(x, 64, opts, _params(3)), x)                              # identity
+    wide = AugmentOptions(crop_scale_min=0.25)  # (a crop this small is outside the default range)
+    assert torch.equal(augment_batch(x, 32, wide, _params(3, w=0.5, h=0.5)), x[..., 16:48, 16:48])  # centre crop
+    assert torch.equal(augment_batch(x, 64, opts, _params(3, flip=True)), torch.flip(x, dims=[-1]))
+    rotated = augment_batch(x, 64, opts, _params(3, angle=math.pi / 2))
+    assert torch.equal(rotated, torch.rot90(x, 1, dims=(-2, -1))) or torch.equal(rotated, torch.rot90(x, -1, dims=(-2, -1)))
+    # A small rotation: the same image as torchvision's bilinear rotate, within interpolation rounding.
+    small = augment_batch(x, 64, opts, _params(3, angle=math.radians(5)))
+    ref = torch.stack([TF.rotate(im, 5.0, interpolation=TF.InterpolationMode.BILINEAR) for im in x])
+    ref2 = torch.stack([TF.rotate(im, -5.0, interpolation=TF.InterpolationMode.BILINEAR) for im in x])
+    inner = (slice(None), slice(None), slice(8, 56), slice(8, 56))  # away from the zero-filled corners
+    assert min((small[inner].int() - r[inner].int()).abs().float().mean().item() for r in (ref, ref2)) < 1.0
+    # Brightness then contrast, as torchvision's adjust_* on the same image.
+    bc = augment_batch(x, 64, opts, _params(3, brightness=1.2, contrast=0.8))
+    ref = torch.stack([TF.adjust_contrast(TF.adjust_brightness(im, 1.2), 0.8) for im in x])
+    diff = (bc.int() - ref.int()).abs()  # torchvision truncates to uint8 between the two steps
+    assert diff.max() <= 2 and diff.float().mean() < 1.0
+    # Validation resize: torchvision's antialiased Resize.
+    assert (resize_batch(x, 40).int() - TF.resize(x, [40, 40], antialias=True).int()).abs().max() <= 1
+
+
+def test_augmentation_parameters_stay_in_their_ranges():
+    import torch
+
+    from components.data.ingest import AugmentOptions, augment_params
+
+    opts = AugmentOptions(crop_scale_min=0.75, rotation_degrees=7, hflip=False, brightness=0.2, contrast=0.2)
+    p = augment_params(20_000, opts, torch.Generator().manual_seed(1))
+    area = p["w"] * p["h"]
+    assert area.min() >= 0.75 - 1e-6 and area.max() <= 1 + 1e-6 and area.max() > 0.99 and area.min() < 0.76
+    assert ((p["w"] / p["h"]) >= 0.9 - 1e-6).all() and ((p["w"] / p["h"]) <= 1.1 + 1e-6).all()
+    assert ((p["cx"].abs() + p["w"]) <= 1 + 1e-6).all() and ((p["cy"].abs() + p["h"]) <= 1 + 1e-6).all()  # crop inside
+    assert p["angle"].abs().max() <= math.radians(7) + 1e-6 and p["angle"].abs().max() > math.radians(6.9)
+    assert not p["flip"].any()
+    assert 0.8 - 1e-6 <= p["brightness"].min() < 0.81 and 1.19 < p["brightness"].max() <= 1.2 + 1e-6
+    assert augment_params(20_000, AugmentOptions(hflip=True))["flip"].float().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_decode_transform_handles_mixed_sizes_and_keeps_labels(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from components.data.ingest import AugmentOptions, DecodeTransform
+
+    def jpeg(w, h):
+        buf = io.BytesIO()
+        Image.fromarray((np.arange(w * h) % 251).astype(np.uint8).reshape(h, w)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    batch = {"image": [jpeg(48, 48), jpeg(60, 40), jpeg(48, 48)], "labels": [[1.0, 0.0]] * 3, "mask": [[1.0, 1.0]] * 3}
+    for augment in (None, AugmentOptions()):
+        out = DecodeTransform(32, augment)(batch)
+        assert out["image"].shape == (3, 1, 32, 32) and out["image"].dtype == np.uint8
+        assert out["labels"].tolist() == [[1.0, 0.0]] * 3 and out["mask"].dtype == np.float32

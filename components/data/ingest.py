@@ -7,7 +7,11 @@ horizontal flip is off by default.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,26 +40,46 @@ def normalize(images):
     return images.float().sub_(MEAN * 255.0).div_(STD * 255.0)
 
 
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold back KeyboardInterrupt until the block ends.
+
+    Ray cancels a running task (Ray Data does so when a consumer stops early, e.g. after
+    ``limit``) by interrupting its main thread. An import cut short that way leaves half-initialised
+    modules in ``sys.modules``, and the worker process is reused: every later task in it then
+    fails to import torchvision ("partially initialized module", "no attribute 'compiler'")."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        if callable(previous):
+            previous(*pending[0])
+        raise KeyboardInterrupt
+
+
 class DecodeTransform:
-    """Batch callable: JPEG bytes -> (B, 1, S, S) uint8, plus labels/mask as (B, C) float32."""
+    """Batch callable: JPEG bytes -> (B, 1, S, S) uint8, plus labels/mask as (B, C) float32.
+
+    Augmentation is vectorised over the batch (one affine warp per chunk of images, each image
+    with its own random parameters): Ray Data hands whole row groups to a task, so per-image
+    transform calls would waste most of its CPU time in per-call overhead."""
+
+    CHUNK = 64  # images warped at once: bounds the sampling grid's memory (~26 MB at 224 px)
 
     def __init__(self, image_size: int, augment: AugmentOptions | None, keep_ids: bool = False) -> None:
-        from torchvision.transforms import v2
+        with deferred_interrupts():  # a worker's first call imports torch + torchvision
+            import torch  # noqa: F401
+            import torchvision.io  # noqa: F401
 
         self.image_size = image_size
+        self.augment = augment
         self.keep_ids = keep_ids  # string ids cannot go through iter_torch_batches
-        if augment is None:
-            self.transform = v2.Resize((image_size, image_size), antialias=True)
-        else:
-            steps = [
-                v2.RandomResizedCrop((image_size, image_size), scale=(augment.crop_scale_min, 1.0), ratio=(0.9, 1.1), antialias=True),
-                v2.RandomRotation(augment.rotation_degrees),
-            ]
-            if augment.hflip:
-                steps.append(v2.RandomHorizontalFlip())
-            if augment.brightness or augment.contrast:
-                steps.append(v2.ColorJitter(brightness=augment.brightness, contrast=augment.contrast))
-            self.transform = v2.Compose(steps)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -64,12 +88,83 @@ class DecodeTransform:
         datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in batch["image"]]
         images = decode_jpeg(datas, mode=ImageReadMode.GRAY)
         out = torch.empty((len(images), 1, self.image_size, self.image_size), dtype=torch.uint8)
-        for i, im in enumerate(images):
-            out[i] = self.transform(im)
+        for i in range(0, len(images), self.CHUNK):
+            chunk = images[i : i + self.CHUNK]
+            if len({tuple(im.shape) for im in chunk}) > 1:  # prepared datasets are square; others resize first
+                side = max(max(im.shape[-2:]) for im in chunk)
+                chunk = [resize_batch(im[None], side)[0] for im in chunk]
+            x = torch.stack(chunk)
+            out[i : i + len(chunk)] = augment_batch(x, self.image_size, self.augment) if self.augment else resize_batch(x, self.image_size)
         result = {"image": out.numpy(), "labels": _stack(batch["labels"]), "mask": _stack(batch["mask"])}
         if self.keep_ids:
             result["image_id"] = np.asarray(batch["image_id"])
         return result
+
+
+def _to_uint8(x):
+    return x.round_().clamp_(0, 255).to(dtype=__import__("torch").uint8)
+
+
+def resize_batch(x, size: int):
+    """(B, C, H, W) uint8 -> (B, C, size, size) uint8, bilinear with antialiasing (as v2.Resize)."""
+    import torch.nn.functional as F
+
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return _to_uint8(F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+
+
+def augment_params(n: int, opts: AugmentOptions, generator=None) -> dict:
+    """Per-image random parameters, drawn as torchvision's RandomResizedCrop (area in
+    [crop_scale_min, 1], log-uniform aspect ratio in [0.9, 1.1]), RandomRotation (uniform angle)
+    and ColorJitter (uniform factors) draw theirs."""
+    import torch
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    area = uniform(opts.crop_scale_min, 1.0)
+    ratio = torch.exp(uniform(math.log(0.9), math.log(1.1)))
+    w, h = torch.sqrt(area * ratio).clamp(max=1.0), torch.sqrt(area / ratio).clamp(max=1.0)  # crop half-extents in [-1, 1]
+    return {
+        "w": w, "h": h,
+        "cx": (1 - w) * uniform(-1.0, 1.0), "cy": (1 - h) * uniform(-1.0, 1.0),
+        "angle": torch.deg2rad(uniform(-opts.rotation_degrees, opts.rotation_degrees)),
+        "flip": (torch.rand(n, generator=generator) < 0.5) if opts.hflip else torch.zeros(n, dtype=torch.bool),
+        "brightness": uniform(1 - opts.brightness, 1 + opts.brightness),
+        "contrast": uniform(1 - opts.contrast, 1 + opts.contrast),
+    }
+
+
+def augment_batch(x, size: int, opts: AugmentOptions, params: dict | None = None):
+    """(B, 1, H, W) uint8 -> (B, 1, size, size) uint8: random resized crop, then rotation about the
+    centre (zero fill), optional horizontal flip, then brightness and contrast, every image with
+    its own parameters, in one bilinear warp for the whole batch."""
+    import torch
+    import torch.nn.functional as F
+
+    n = len(x)
+    p = params or augment_params(n, opts)
+    img = x.float()
+    smallest_crop = max(math.sqrt(opts.crop_scale_min * 0.9), 1e-3)  # narrowest crop side, as a fraction
+    pre = math.ceil(size / smallest_crop)
+    if img.shape[-1] > 1.25 * pre:  # a large downscale: antialias first, as a resize would
+        img = F.interpolate(img, size=(pre, pre), mode="bilinear", antialias=True, align_corners=False)
+    # Output coords (normalised, [-1, 1]) -> input coords: rotate, then map into the crop box.
+    # (F.affine_grid computes the same grid through a batched matmul, ~4x slower on CPU.)
+    cos, sin = torch.cos(p["angle"]).view(n, 1, 1), torch.sin(p["angle"]).view(n, 1, 1)
+    sign = torch.where(p["flip"], -1.0, 1.0).view(n, 1, 1)
+    w, h = p["w"].view(n, 1, 1), p["h"].view(n, 1, 1)
+    u = ((torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1)  # pixel centres, align_corners=False
+    xs, ys = u.view(1, 1, size), u.view(1, size, 1)
+    grid = torch.empty(n, size, size, 2)
+    torch.add(w * cos * sign * xs, -w * sin * ys, out=grid[..., 0]).add_(p["cx"].view(n, 1, 1))
+    torch.add(h * sin * sign * xs, h * cos * ys, out=grid[..., 1]).add_(p["cy"].view(n, 1, 1))
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out.mul_(p["brightness"].view(n, 1, 1, 1)).clamp_(0, 255)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out.sub_(mean).mul_(p["contrast"].view(n, 1, 1, 1)).add_(mean)
+    return _to_uint8(out)
 
 
 @functools.lru_cache(maxsize=8)
@@ -160,5 +255,5 @@ def build_ray_dataset(
     ds = ds.map_batches(read_row_group, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
     return ds.map_batches(
         decode_batch, fn_kwargs={"image_size": size, "augment": augment, "keep_ids": keep_ids},
-        batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+        batch_size=None, batch_format="numpy", num_cpus=num_cpus,
     )
