@@ -31,6 +31,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
         log(f"ray: connected to cluster at {address}")
         return
     start_local_ray(num_cpus, **quiet)
+    use_all_local_cpus_for_data()
     log(f"ray: started a local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
         f"dashboard {os.environ['RAY_ADDRESS']})")
 
@@ -50,6 +51,19 @@ def start_local_ray(num_cpus: int | None = None, **kwargs) -> str:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, _system_config=SYSTEM_CONFIG, **kwargs)
     return ray.get_runtime_context().gcs_address
+
+
+def use_all_local_cpus_for_data() -> None:
+    """On the embedded single-node Ray, let Ray Data schedule by free CPUs alone.
+
+    Ray 2.60's per-operator reservation sizes Data's CPU budget from an autoscaling coordinator
+    that answers asynchronously: every epoch (a new execution) starts with a zero budget, and on a
+    2-CPU node decode often ran on one CPU (bench/ingest.py: 1068 -> 1450-1500 images/s without
+    it). On a cluster ralflow keeps Ray's default: there the coordinator is how Ray Data asks the
+    autoscaler for nodes."""
+    from ray.data import DataContext
+
+    DataContext.get_current().op_resource_reservation_enabled = False
 
 
 def map_with_ray_data(fn, items: list, num_cpus: float = 1.0) -> list:
