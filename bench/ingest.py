@@ -70,6 +70,7 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2, help="CPU workers for every variant")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs timed per pipeline (b, b0, c)")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
@@ -120,17 +121,18 @@ def main() -> int:
              _system_config=SYSTEM_CONFIG)
     DataContext.get_current().enable_progress_bars = False
 
-    def ray_epoch(size: int = args.image_size, aug=augment) -> float:
-        ds = build_ray_dataset(work / "data", "train", size, aug, batch_size=args.batch_size)
-        t0 = time.perf_counter()
-        seen = sum(len(normalize(b["image"])) for b in ds.iter_torch_batches(batch_size=args.batch_size))
+    def ray_epochs(size: int = args.image_size, aug=augment, epochs: int = args.epochs) -> float:
+        ds = build_ray_dataset(work / "data", "train", size, aug)
+        t0, seen = time.perf_counter(), 0
+        for _ in range(epochs):  # every epoch is a new Ray Data execution, as in training
+            seen += sum(len(normalize(b["image"])) for b in ds.iter_torch_batches(batch_size=args.batch_size))
         return seen / (time.perf_counter() - t0)
 
-    ray_epoch()  # warm-up: task worker processes start and import torch
-    b0 = ray_epoch()
+    ray_epochs(epochs=1)  # warm-up: task worker processes start and import torch
+    b0 = ray_epochs()
     use_all_local_cpus_for_data()
-    b = ray_epoch()
-    b_decode = ray_epoch(args.stored_size, None)  # like (a): decode only (no resize, no augmentation)
+    b = ray_epochs()
+    b_decode = ray_epochs(args.stored_size, None)  # like (a): decode only (no resize, no augmentation)
     ray.shutdown()
 
     # (c) DataLoader over files
@@ -139,7 +141,7 @@ def main() -> int:
     it = iter(loader)
     next(it)
     t0 = time.perf_counter()
-    seen_c = sum(len(normalize(x)) for x, _ in loader)
+    seen_c = sum(len(normalize(x)) for _ in range(args.epochs) for x, _ in loader)
     c = seen_c / (time.perf_counter() - t0)
 
     print("| variant | images/s | ratio |")

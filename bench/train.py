@@ -49,7 +49,7 @@ def plain_loop_images_per_s(data, image_size, model_name, batch_size, steps, str
         opt.step()
         return len(b["image"])
 
-    ds = build_ray_dataset(data, "train", image_size, AugmentOptions(), batch_size=batch_size)
+    ds = build_ray_dataset(data, "train", image_size, AugmentOptions())
     if streamed:
         for epoch in range(2):
             t0 = time.perf_counter()

@@ -25,7 +25,7 @@ def test_synth_prepare_ingest_end_to_end(tmp_path, cli, ray_address):
 
     from components.data.ingest import AugmentOptions, build_ray_dataset, normalize
 
-    train = build_ray_dataset(out, "train", image_size=40, augment=AugmentOptions(), batch_size=16)
+    train = build_ray_dataset(out, "train", image_size=40, augment=AugmentOptions())
     seen, labels = 0, []
     for batch in train.iter_torch_batches(batch_size=16):
         assert batch["image"].shape[1:] == (1, 40, 40) and batch["labels"].shape[1] == 26
@@ -37,7 +37,7 @@ def test_synth_prepare_ingest_end_to_end(tmp_path, cli, ray_address):
     counts = np.concatenate(labels).sum(0)
     assert counts.astype(int).tolist() == list(manifest["splits"]["train"]["class_counts"].values())
     # validation variant: deterministic (no augmentation)
-    val = build_ray_dataset(out, "val", batch_size=8, keep_ids=True)
+    val = build_ray_dataset(out, "val", keep_ids=True)
     a = val.take_batch(4)
     b = val.take_batch(4)
     assert np.array_equal(a["image"], b["image"]) and a["image"].shape[1:] == (1, 48, 48)

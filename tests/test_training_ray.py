@@ -83,7 +83,7 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     assert model.metadata.metadata["label_names"] == manifest["label_names"]
     probs, targets = [], []
-    for batch in build_ray_dataset(tiny_dataset, "val", 40, None, batch_size=64).iter_batches(batch_size=64):
+    for batch in build_ray_dataset(tiny_dataset, "val", 40, None).iter_batches(batch_size=64):
         probs.append(model.predict(normalize(torch.as_tensor(batch["image"])).numpy()))
         targets.append(batch["labels"])
     probs, targets = np.concatenate(probs), np.concatenate(targets)

@@ -113,7 +113,7 @@ def run(args) -> int:
         if manifest["label_names"] != label_names:
             raise UserError(f"{args.data}: label set differs from the model's ({len(manifest['label_names'])} vs {len(label_names)} labels)")
         split = args.split or ("test" if "test" in manifest["splits"] else "val")
-        ds = build_ray_dataset(args.data, split, image_size, None, batch_size=args.batch_size, keep_ids=True, num_cpus=0.5)
+        ds = build_ray_dataset(args.data, split, image_size, None, keep_ids=True, num_cpus=0.5)
         groups = [manifest["groups"][n] for n in label_names]
         print(f"predict: {manifest['splits'][split]['num_images']} images from split '{split}' of {args.data}")
     else:

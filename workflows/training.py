@@ -327,8 +327,8 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str | None, callbacks=Non
     d = cfg.data
     augment = AugmentOptions(d.crop_scale_min, d.rotation_degrees, d.hflip, d.brightness, d.contrast)
     datasets = {
-        "train": build_ray_dataset(d.path, "train", d.image_size, augment, batch_size=cfg.train.batch_size, num_cpus=d.map_cpus),
-        "val": build_ray_dataset(d.path, "val", d.image_size, None, batch_size=cfg.train.batch_size, num_cpus=d.map_cpus),
+        "train": build_ray_dataset(d.path, "train", d.image_size, augment, num_cpus=d.map_cpus),
+        "val": build_ray_dataset(d.path, "val", d.image_size, None, num_cpus=d.map_cpus),
     }
     storage = storage_path or cfg.tracking.storage_path
     name = name or cfg.tracking.run_name

@@ -227,15 +227,16 @@ def build_ray_dataset(
     split: str,
     image_size: int | None = None,
     augment: AugmentOptions | None = None,
-    batch_size: int = 64,
     num_cpus: float = 1.0,
     keep_ids: bool = False,
     shuffle: bool | None = None,
 ):
     """Ray Dataset over one split: decoded, resized and (if ``augment``) augmented uint8 batches.
 
-    One Ray Data task per Parquet row group reads and decodes it (the read and the decode map
-    are fused). Ray 2.60's ``read_parquet`` hands small shard sets to a single task, which
+    One Ray Data task per Parquet row group reads and decodes it, in one call for the whole row
+    group (the read and the decode map are fused, and Ray sizes a fused task by the decode's
+    batch size: a fixed one put every row group of a small split in one task). Consumers
+    batch with ``iter_torch_batches(batch_size=...)``. Ray 2.60's ``read_parquet`` hands small shard sets to a single task, which
     serialises decoding on one CPU; row-group tasks spread it over every CPU in the cluster
     (measured in bench/ingest.py). Stateless tasks, unlike an actor pool, hold no CPU between
     batches, so training workers always get theirs. Training (``shuffle``, default: when
@@ -255,5 +256,5 @@ def build_ray_dataset(
     ds = ds.map_batches(read_row_group, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
     return ds.map_batches(
         decode_batch, fn_kwargs={"image_size": size, "augment": augment, "keep_ids": keep_ids},
-        batch_size=None, batch_format="numpy", num_cpus=num_cpus,
+        batch_size=None, batch_format="numpy", num_cpus=num_cpus,  # None: the whole row group
     )
