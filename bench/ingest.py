@@ -121,18 +121,19 @@ def main() -> int:
              _system_config=SYSTEM_CONFIG)
     DataContext.get_current().enable_progress_bars = False
 
-    def ray_epochs(size: int = args.image_size, aug=augment, epochs: int = args.epochs) -> float:
+    def ray_epochs(size: int = args.image_size, aug=augment, epochs: int = args.epochs, consume=normalize) -> float:
         ds = build_ray_dataset(work / "data", "train", size, aug)
         t0, seen = time.perf_counter(), 0
         for _ in range(epochs):  # every epoch is a new Ray Data execution, as in training
-            seen += sum(len(normalize(b["image"])) for b in ds.iter_torch_batches(batch_size=args.batch_size))
+            seen += sum(len(consume(b["image"])) for b in ds.iter_torch_batches(batch_size=args.batch_size))
         return seen / (time.perf_counter() - t0)
 
     ray_epochs(epochs=1)  # warm-up: task worker processes start and import torch
     b0 = ray_epochs()
     use_all_local_cpus_for_data()
     b = ray_epochs()
-    b_decode = ray_epochs(args.stored_size, None)  # like (a): decode only (no resize, no augmentation)
+    # like (a): decode only (no resize, no augmentation), and the batches left as they arrive
+    b_decode = ray_epochs(args.stored_size, None, consume=lambda images: images)
     ray.shutdown()
 
     # (c) DataLoader over files
