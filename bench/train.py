@@ -81,6 +81,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--losses", default="bce,asl,ral")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     args.work = Path(tempfile.mkdtemp(prefix="ralflow-bench-train-"))
 
@@ -107,17 +108,18 @@ def main() -> int:
         finally:
             ray.shutdown()
 
-    before = {s: plain(s) for s in (True, False)}
-    out = train_cli(args, *common, "--loss", "ral", "--epochs", "3", "--num-workers", "1", "--cpus-per-worker", "1", "--run-name", "throughput")
-    ray_ips = [float(v) for v in re.findall(r"(\d+) img/s", out)][-1]  # the last epoch: warm
-    after = {s: plain(s) for s in (True, False)}
-    print(f"\nmodel {args.model}, {args.image_size}px, batch {args.batch_size}, CPU, one training thread each")
-    print("| loop | images/s (before / after the Ray run) | Ray Train / this |")
-    print("|---|---:|---:|")
-    for streamed, what in ((True, "an epoch streamed from the same Ray Data pipeline"), (False, "batches pre-decoded in memory (compute only)")):
-        b, a = before[streamed], after[streamed]
-        print(f"| plain PyTorch, {what} | {b:.0f} / {a:.0f} | {ray_ips / max(a, b):.2f}–{ray_ips / min(a, b):.2f} |")
-    print(f"| Ray Train, one worker (TorchTrainer, get_dataset_shard) | {ray_ips:.0f} | 1.00 |", flush=True)
+    if not args.skip_throughput:
+        before = {s: plain(s) for s in (True, False)}
+        out = train_cli(args, *common, "--loss", "ral", "--epochs", "3", "--num-workers", "1", "--cpus-per-worker", "1", "--run-name", "throughput")
+        ray_ips = [float(v) for v in re.findall(r"(\d+) img/s", out)][-1]  # the last epoch: warm
+        after = {s: plain(s) for s in (True, False)}
+        print(f"\nmodel {args.model}, {args.image_size}px, batch {args.batch_size}, CPU, one training thread each")
+        print("| loop | images/s (before / after the Ray run) | Ray Train / this |")
+        print("|---|---:|---:|")
+        for streamed, what in ((True, "an epoch streamed from the same Ray Data pipeline"), (False, "batches pre-decoded in memory (compute only)")):
+            b, a = before[streamed], after[streamed]
+            print(f"| plain PyTorch, {what} | {b:.0f} / {a:.0f} | {ray_ips / max(a, b):.2f}–{ray_ips / min(a, b):.2f} |")
+        print(f"| Ray Train, one worker (TorchTrainer, get_dataset_shard) | {ray_ips:.0f} | 1.00 |", flush=True)
 
     if args.skip_quality:
         return 0
