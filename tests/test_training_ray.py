@@ -35,6 +35,12 @@ def test_local_mode_train_loop(tiny_dataset, tmp_path, ray_address):
     assert run.info.status == "FINISHED" and run.data.params["loss.name"] == "ral"
     assert [m.step for m in c.get_metric_history(out["run_id"], "val_mAP")] == [0]
     assert 0 < out["best_val_mAP"] <= 1
+    # Re-running the finished run resumes past its last epoch: nothing retrained, same result.
+    again = run_training(cfg, log=lambda *_: None)
+    assert again["run_id"] == out["run_id"] and again["best_val_mAP"] == out["best_val_mAP"]
+    assert [m.step for m in c.get_metric_history(out["run_id"], "val_mAP")] == [0]
+    from components import tracking
+    assert tracking.restarts(c, out["run_id"]) == [0]
 
 
 def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset, tmp_path, cli, ray_address):

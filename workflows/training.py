@@ -107,22 +107,11 @@ def epoch_metrics(probs, targets, masks, manifest) -> dict:
     return out
 
 
-def newest_checkpoint_state(storage_dir: str, run_id: str | None, registered, device) -> dict | None:
-    """The state to resume from: the newest complete checkpoint of this MLflow run in the run's
-    storage folder, else the checkpoint Ray registered, else None (a fresh start).
-
-    Ray Train V2 registers a reported checkpoint only when its controller next polls the workers.
-    A worker that fails in between restarts the group from the previous checkpoint although the
-    newer one is already in storage and its epoch already logged to MLflow; resuming from storage
-    keeps the model and the MLflow history on one trajectory. Checkpoints of another run (a reused
-    folder) and half-written ones are skipped."""
+def stored_checkpoint_states(storage_dir: str, run_id: str | None, device="cpu"):
+    """The complete checkpoints of this MLflow run in the run's storage folder, newest first.
+    Checkpoints of another run (a reused folder) and half-written ones are skipped."""
     import pyarrow.fs
     import ray.train
-    import torch
-
-    def load(ckpt):
-        with ckpt.as_directory() as d:
-            return torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=False)
 
     fs, root = pyarrow.fs.FileSystem.from_uri(storage_dir)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
@@ -130,12 +119,32 @@ def newest_checkpoint_state(storage_dir: str, run_id: str | None, registered, de
                    and re.fullmatch(r"epoch-\d+", i.base_name)), reverse=True)
     for path in dirs:
         try:
-            state = load(ray.train.Checkpoint(path, filesystem=fs))
+            state = load_checkpoint_state(ray.train.Checkpoint(path, filesystem=fs), device)
         except Exception:  # noqa: BLE001 - incomplete or unreadable: try the one before
             continue
         if run_id is None or state.get("run_id") == run_id:
-            return state
-    return load(registered) if registered else None
+            yield state
+
+
+def load_checkpoint_state(checkpoint, device="cpu") -> dict:
+    import torch
+
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+
+
+def newest_checkpoint_state(storage_dir: str, run_id: str | None, registered, device) -> dict | None:
+    """The state to resume from: the newest complete checkpoint of this MLflow run in the run's
+    storage folder, else the checkpoint Ray registered, else None (a fresh start).
+
+    Ray Train V2 registers a reported checkpoint only when its controller next polls the workers.
+    A worker that fails in between restarts the group from the previous checkpoint although the
+    newer one is already in storage and its epoch already logged to MLflow; resuming from storage
+    keeps the model and the MLflow history on one trajectory."""
+    state = next(stored_checkpoint_states(storage_dir, run_id, device), None)
+    if state is None and registered:
+        state = load_checkpoint_state(registered, device)
+    return state
 
 
 # -- the Ray Train worker loop ----------------------------------------------------------------
@@ -360,15 +369,17 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str | None, callbacks=Non
     )
 
 
-def best_checkpoint_state(result) -> dict:
-    import torch
-
+def best_checkpoint_state(result, storage_dir: str, run_id: str | None) -> dict:
+    """The best epoch's state by val mAP among Ray's checkpoints; when Ray has none (a rerun of a
+    finished run resumes past its last epoch and reports nothing), among the stored ones."""
     candidates = result.best_checkpoints or ([(result.checkpoint, result.metrics)] if result.checkpoint else [])
-    if not candidates:
-        raise RuntimeError("training finished without any checkpoint")
-    ckpt, _ = max(candidates, key=lambda cm: cm[1].get("val_mAP", float("-inf")))
-    with ckpt.as_directory() as d:
-        return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    if candidates:
+        ckpt, _ = max(candidates, key=lambda cm: cm[1].get("val_mAP", float("-inf")))
+        return load_checkpoint_state(ckpt)
+    stored = list(stored_checkpoint_states(storage_dir, run_id))
+    if not stored:
+        raise RuntimeError(f"training finished without any checkpoint in {storage_dir}")
+    return max(stored, key=lambda st: st["metrics"].get("val_mAP", float("-inf")))
 
 
 def prune_unregistered_checkpoints(result) -> None:
@@ -441,6 +452,6 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     if result.error:
         c.set_terminated(run_id, "FAILED")
         raise result.error
-    state = best_checkpoint_state(result)
+    state = best_checkpoint_state(result, f"{cfg.tracking.storage_path}/{cfg.tracking.run_name}", run_id)
     prune_unregistered_checkpoints(result)
     return finish_run(cfg, manifest, c, run_id, state, log)
