@@ -7,7 +7,7 @@
       resource reservation, as on a cluster
   (c) torch DataLoader: the same JPEGs as files, same decode + transforms, W worker processes
 
-    python bench/ingest.py [--num-images 3000] [--stored-size 256] [--image-size 224] [--workers 2]
+    python bench/ingest.py [--num-images 3000] [--stored-size 256] [--image-size 224] [--workers 2] [--epochs 3]
 
 Goals: (b) >= 1.0x (c) and (b) >= 0.8x (a). (a) does no augmentation, so the second goal is
 measured like for like: the same Ray Data pipeline decoding only, (b-decode), against (a); and

@@ -23,6 +23,19 @@ from components.config import Config
 from components.errors import UserError
 
 CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_DIR = re.compile(r"epoch-\d+")  # one folder per epoch in the run's storage folder
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def checkpoint_folders(fs, root: str) -> list:
+    """FileInfos of the per-epoch checkpoint folders under ``root`` (missing root: none)."""
+    import pyarrow.fs
+
+    return [i for i in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+            if i.type == pyarrow.fs.FileType.Directory and CHECKPOINT_DIR.fullmatch(i.base_name)]
 
 
 # -- pieces usable without Ray (unit-tested directly) -----------------------------------------
@@ -114,10 +127,7 @@ def stored_checkpoint_states(storage_dir: str, run_id: str | None, device="cpu")
     import ray.train
 
     fs, root = pyarrow.fs.FileSystem.from_uri(storage_dir)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    dirs = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-                   and re.fullmatch(r"epoch-\d+", i.base_name)), reverse=True)
-    for path in dirs:
+    for path in sorted((i.path for i in checkpoint_folders(fs, root)), reverse=True):
         try:
             state = load_checkpoint_state(ray.train.Checkpoint(path, filesystem=fs), device)
         except Exception:  # noqa: BLE001 - incomplete or unreadable: try the one before
@@ -246,8 +256,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update(metrics_val)
         scalar = {k: v for k, v in metrics.items() if k != "per_class_ap"}
         # Local mode (num_workers=0) does not persist reported checkpoints: write them in place.
-        local_dir = config.get("local_checkpoint_root")
-        with (nullcontext(f"{local_dir}/epoch-{epoch:04d}") if local_dir else tempfile.TemporaryDirectory()) as tmp:
+        in_place = f"{config['storage_dir']}/{checkpoint_dir_name(epoch)}" if config["checkpoint_in_place"] else None
+        with (nullcontext(in_place) if in_place else tempfile.TemporaryDirectory()) as tmp:
             ckpt = None
             if rank == 0:
                 Path(tmp).mkdir(parents=True, exist_ok=True)
@@ -257,7 +267,7 @@ def train_loop_per_worker(config: dict) -> None:
                             "epoch": epoch, "metrics": scalar, "per_class_ap": metrics["per_class_ap"]},
                            Path(tmp) / CHECKPOINT_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(scalar, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
+            ray.train.report(scalar, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(epoch))
         if rank == 0:
             if mlflow_client:  # logged after the checkpoint is safe: a restart never logs an epoch twice
                 tracking.log_epoch(mlflow_client, run_id, scalar, epoch)
@@ -352,8 +362,7 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str | None, callbacks=Non
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "manifest": manifest, "mlflow_run_id": run_id, "drill_marker": drill,
-                           "storage_dir": f"{storage}/{name}",
-                           "local_checkpoint_root": f"{storage}/{name}" if workers == 0 else None},
+                           "storage_dir": f"{storage}/{name}", "checkpoint_in_place": workers == 0},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
                                                placement_strategy=cfg.train.placement_strategy),
         run_config=ray.train.RunConfig(
@@ -385,8 +394,6 @@ def best_checkpoint_state(result, storage_dir: str, run_id: str | None) -> dict:
 def prune_unregistered_checkpoints(result) -> None:
     """Delete checkpoint folders Ray's checkpoint manager never registered (written just before a
     worker failure, see newest_checkpoint_state), so ``keep_checkpoints`` still bounds storage."""
-    import pyarrow.fs
-
     if not result.path:
         return  # local mode (num_workers=0) has no Ray-managed storage
     kept = {c.path.rstrip("/") for c, _ in (result.best_checkpoints or [])}
@@ -395,11 +402,9 @@ def prune_unregistered_checkpoints(result) -> None:
     root = result.path.rstrip("/")
     if not any(p.startswith(root + "/") for p in kept):
         return  # nothing here that Ray manages: not Ray's to judge
-    fs = result.filesystem
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
-        if (info.type == pyarrow.fs.FileType.Directory and re.fullmatch(r"epoch-\d+", info.base_name)
-                and info.path.rstrip("/") not in kept):
-            fs.delete_dir(info.path)
+    for info in checkpoint_folders(result.filesystem, root):
+        if info.path.rstrip("/") not in kept:
+            result.filesystem.delete_dir(info.path)
 
 
 def finish_run(cfg: Config, manifest: dict, c, run_id: str, state: dict, log=print) -> dict:
@@ -452,6 +457,6 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     if result.error:
         c.set_terminated(run_id, "FAILED")
         raise result.error
-    state = best_checkpoint_state(result, f"{cfg.tracking.storage_path}/{cfg.tracking.run_name}", run_id)
+    state = best_checkpoint_state(result, trainer.train_loop_config["storage_dir"], run_id)
     prune_unregistered_checkpoints(result)
     return finish_run(cfg, manifest, c, run_id, state, log)

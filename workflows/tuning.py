@@ -101,7 +101,7 @@ def make_trial_fn(base: dict, manifest: dict, parent_run_id: str, sweep: str, st
             raise result.error
         from workflows.training import best_checkpoint_state, prune_unregistered_checkpoints
 
-        state = best_checkpoint_state(result, f"{storage}/{sweep}-trials/{trial_id}", run_id)
+        state = best_checkpoint_state(result, trainer.train_loop_config["storage_dir"], run_id)
         prune_unregistered_checkpoints(result)
         finish_run(cfg, manifest, c, run_id, state, say)
 

@@ -102,7 +102,9 @@ class DecodeTransform:
 
 
 def _to_uint8(x):
-    return x.round_().clamp_(0, 255).to(dtype=__import__("torch").uint8)
+    import torch
+
+    return x.round_().clamp_(0, 255).to(dtype=torch.uint8)
 
 
 def resize_batch(x, size: int):
