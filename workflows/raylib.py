@@ -19,9 +19,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Set when this process started ralflow's embedded single-node Ray (not a cluster connection).
+_embedded = False
+
+
+def embedded_ray() -> bool:
+    """True when this process runs ralflow's embedded local Ray (so its settings for Ray Data,
+    which Tune trials do not inherit, are passed on to them)."""
+    return _embedded
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, log=print) -> None:
     import ray
 
+    global _embedded
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -31,6 +42,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
         log(f"ray: connected to cluster at {address}")
         return
     start_local_ray(num_cpus, **quiet)
+    _embedded = True
     use_all_local_cpus_for_data()
     log(f"ray: started a local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
         f"dashboard {os.environ['RAY_ADDRESS']})")

@@ -57,7 +57,7 @@ def run_sweep(cfg, num_samples: int, space_file: str | None = None, resume: bool
     from components import tracking
     from components.data.prepare import load_manifest
     from components.errors import UserError
-    from workflows.raylib import check_shared_path, init_ray
+    from workflows.raylib import check_shared_path, embedded_ray, init_ray
     from workflows.training import loss_params_for
     from workflows.tuning import (load_search_space, make_trial_fn, sweep_name, to_tune, trials_per_cluster,
                                   trials_plot, trials_table)
@@ -92,7 +92,7 @@ def run_sweep(cfg, num_samples: int, space_file: str | None = None, resume: bool
     base = cfg.to_dict()
     base["tracking"]["run_name"] = None
     # The trial function only drives its TorchTrainer: a token CPU share; the workers ask for their own.
-    trainable = tune.with_resources(make_trial_fn(base, manifest, parent_id, name, storage), {"CPU": 0.01})
+    trainable = tune.with_resources(make_trial_fn(base, manifest, parent_id, name, storage, local_data=embedded_ray()), {"CPU": 0.01})
     experiment_path = f"{storage}/{name}"
     if resume:
         if not tune.Tuner.can_restore(experiment_path):

@@ -82,15 +82,22 @@ def trials_per_cluster(cfg: Config) -> int:
     return max(fit, 1)
 
 
-def make_trial_fn(base: dict, manifest: dict, parent_run_id: str, sweep: str, storage: str):
+def make_trial_fn(base: dict, manifest: dict, parent_run_id: str, sweep: str, storage: str, local_data: bool = False):
+    """``local_data``: the sweep runs on ralflow's embedded local Ray; the trial (its own process,
+    with Ray Data's default DataContext) then applies the same Ray Data setting as ``ralflow train``."""
     def trial(sample: dict) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
+
+        from workflows.raylib import use_all_local_cpus_for_data
 
         trial_id = tune.get_context().get_trial_id()
         cfg = apply_sample(merge(load_config(), base, "sweep"), sample)
         cfg.tracking.run_name = f"{sweep}-{trial_id}"
         say = lambda msg: print(f"[{trial_id}] {msg}", flush=True)
+        if local_data:
+            use_all_local_cpus_for_data()
+            say("ray data: embedded local Ray, decode tasks scheduled by free CPUs")
         _, c, run_id = prepare_run(cfg, say, extra_tags={"mlflow.parentRunId": parent_run_id, "ralflow.sweep": sweep,
                                                          "ralflow.trial_id": trial_id})
         trainer = build_trainer(cfg, manifest, run_id, callbacks=[TuneReportCallback()],
