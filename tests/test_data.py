@@ -313,3 +313,27 @@ def test_decode_transform_handles_mixed_sizes_and_keeps_labels(tmp_path):
         out = DecodeTransform(32, augment)(batch)
         assert out["image"].shape == (3, 1, 32, 32) and out["image"].dtype == np.uint8
         assert out["labels"].tolist() == [[1.0, 0.0]] * 3 and out["mask"].dtype == np.float32
+
+
+def test_decode_transform_chunks_fit_the_cache_budget_and_do_not_change_the_result():
+    import io
+
+    from PIL import Image
+
+    from components.data.ingest import DecodeTransform
+
+    t = DecodeTransform(224, None)
+    assert t.chunk_size(256) == 6 and t.chunk_size(512) == 3 and t.chunk_size(4096) == 1
+    rng = np.random.default_rng(0)
+
+    def jpeg():
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    batch = {"image": [jpeg() for _ in range(13)], "labels": [[1.0]] * 13, "mask": [[1.0]] * 13}
+    whole = DecodeTransform(40, None)  # 13 images in one resize
+    chunked = DecodeTransform(40, None)
+    chunked.CACHE_BYTES = 4 * (64 * 64 + 3 * 40 * 40) * 4  # 4 images per chunk: 4 + 4 + 4 + 1
+    assert whole.chunk_size(64) >= 13 and chunked.chunk_size(64) == 4
+    np.testing.assert_array_equal(chunked(batch)["image"], whole(batch)["image"])
