@@ -41,7 +41,7 @@ class Predictor:
 
         from components.data.ingest import normalize
 
-        x = normalize(torch.as_tensor(batch["image"])).numpy()
+        x = normalize(torch.from_numpy(np.array(batch["image"]))).numpy()  # a writable copy: Ray's is read-only
         out = {k: v for k, v in batch.items() if k != "image"}
         out["probs"] = np.asarray(self.model.predict(x), dtype=np.float32)
         return out

@@ -349,6 +349,11 @@ def build_trainer(cfg: Config, manifest: dict, run_id: str | None, callbacks=Non
         "train": build_ray_dataset(d.path, "train", d.image_size, augment, num_cpus=d.map_cpus),
         "val": build_ray_dataset(d.path, "val", d.image_size, None, num_cpus=d.map_cpus),
     }
+    for ds in datasets.values():
+        # These run in Ray Train's split coordinator, a remote actor: its progress bars reach the
+        # driver as raw redraw lines (hundreds of KB in a run's log) and count no rows for a
+        # split. The epoch lines report progress, throughput and data wait instead.
+        ds.context.enable_progress_bars = False
     storage = storage_path or cfg.tracking.storage_path
     name = name or cfg.tracking.run_name
     drill = f"{storage}/{name}/.fault-drill-done" if cfg.train.fail_at_epoch is not None and "://" not in storage else None
