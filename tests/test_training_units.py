@@ -134,3 +134,35 @@ def test_resume_picks_the_newest_complete_checkpoint_of_this_run(tmp_path):
     import ray.train
     registered = ray.train.Checkpoint.from_directory(str(tmp_path / "epoch-0000"))  # Ray's, when storage has none
     assert newest_checkpoint_state(str(tmp_path / "missing"), "a", registered, "cpu")["epoch"] == 0
+
+
+@pytest.mark.parametrize("local_data", [True, False])
+def test_a_tune_trial_applies_the_embedded_ray_data_setting_before_building_its_datasets(monkeypatch, local_data):
+    """A trial runs in its own process with Ray Data's default DataContext; on ralflow's embedded
+    Ray the sweep passes on the setting `ralflow train` uses, and the trial applies it first."""
+    import types
+
+    import ray.tune
+    from ray.data import DataContext
+
+    import workflows.tuning as tuning
+
+    ctx = DataContext.get_current()
+    monkeypatch.setattr(ctx, "op_resource_reservation_enabled", True)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def prepare_run(cfg, say, extra_tags):  # the step before the trial builds its trainer and datasets
+        seen["reservation"] = DataContext.get_current().op_resource_reservation_enabled
+        seen["run_name"] = cfg.tracking.run_name
+        raise Stop
+
+    monkeypatch.setattr(tuning, "prepare_run", prepare_run)
+    monkeypatch.setattr(ray.tune, "get_context", lambda: types.SimpleNamespace(get_trial_id=lambda: "t0001"))
+    base = load_config().to_dict()
+    trial = tuning.make_trial_fn(base, {}, "parent", "sweep-x", "/tmp/unused", local_data=local_data)
+    with pytest.raises(Stop):
+        trial({"loss.lamb": 2.0})
+    assert seen == {"reservation": not local_data, "run_name": "sweep-x-t0001"}
