@@ -127,13 +127,17 @@ down() {
     fi
     # Only this cluster's processes: its daemons carry its temp dir on their command line; their
     # children (agents, workers) rename themselves (ray::IDLE, ...), so take whole process trees.
-    pids=$(tree_pids $(pgrep -f -- "$TMP" || true))
-    if [ -n "$pids" ]; then
+    # Look again after each round: a daemon can start a process (a worker, an agent) after the
+    # list was taken, and that one would outlive `down`.
+    for _round in 1 2 3; do
+        pids=$(tree_pids $(pgrep -f -- "$TMP" || true))
+        [ -n "$pids" ] || break
         say "stopping $(echo $pids | wc -w) Ray processes of $TMP"
         kill -TERM $pids 2>/dev/null || true
         for _ in $(seq 1 20); do alive $pids || break; sleep 0.5; done
         kill -KILL $pids 2>/dev/null || true
-    fi
+        for _ in $(seq 1 10); do alive $pids || break; sleep 0.2; done
+    done
     rm -f "$DIR/cluster.env"
     say "down"
 }
