@@ -17,6 +17,7 @@ Every pipeline stays warm (worker processes started, torch imported) and each ro
 epoch of every variant back to back; ratios are taken within a round, so a busy stretch of a
 shared machine hits all variants alike. The table gives medians and the per-round range.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,8 @@ def _decode_chunk(blobs):
 def _augment_chunk(args):
     import torch
 
-    from components.data.ingest import DecodeTransform, normalize
+    from components.data.ingest import DecodeTransform
+    from components.models.inputs import normalize
 
     torch.set_num_threads(1)
     blobs, labels, image_size, augment = args
@@ -75,9 +77,13 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2, help="CPU workers for every variant")
     ap.add_argument("--rounds", type=int, default=5, help="rounds; each times one epoch of every variant, in turn")
-    ap.add_argument("--map-cpus", type=float, default=1.0,
-                    help="CPUs per Ray Data decode task: 1 runs one task per worker CPU; ralflow's training "
-                         "default (data.map_cpus) is 0.5, two tasks per CPU beside the training workers")
+    ap.add_argument(
+        "--map-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs per Ray Data decode task: 1 runs one task per worker CPU; ralflow's training "
+        "default (data.map_cpus) is 0.5, two tasks per CPU beside the training workers",
+    )
     args = ap.parse_args()
 
     import logging
@@ -86,15 +92,21 @@ def main() -> int:
     import ray
     import torch
 
-    from components.data.ingest import AugmentOptions, build_ray_dataset, normalize, shard_paths
+    from components.data.ingest import AugmentOptions, build_ray_dataset
     from components.data.prepare import PrepareOptions, prepare_dataset
     from components.data.synth import SynthOptions, write_synthetic_cxr_lt
+    from components.models.inputs import normalize
 
     work = Path(tempfile.mkdtemp(prefix="ralflow-bench-ingest-"))
-    write_synthetic_cxr_lt(work / "src", SynthOptions(num_images=args.num_images, image_size=args.stored_size), progress=None)
-    prepare_dataset(PrepareOptions("cxr-lt-2023", str(work / "src"), image_size=args.stored_size, rows_per_shard=256),
-                    work / "data", log=lambda *_: None)
-    paths = shard_paths(work / "data", "train")
+    write_synthetic_cxr_lt(
+        work / "src", SynthOptions(num_images=args.num_images, image_size=args.stored_size), progress=None
+    )
+    manifest = prepare_dataset(
+        PrepareOptions("cxr-lt-2023", str(work / "src"), image_size=args.stored_size, rows_per_shard=256),
+        work / "data",
+        log=lambda *_: None,
+    )
+    paths = manifest.shard_paths("train")
     table = pq.read_table(paths, columns=["image", "labels"])
     blobs, labels = table.column("image").to_pylist(), table.column("labels").to_pylist()
     n = len(blobs)
@@ -106,25 +118,40 @@ def main() -> int:
         files.append(str(f))
     augment = AugmentOptions()
     map_cpus = args.map_cpus
-    print(f"{n} training images stored at {args.stored_size}px -> batches at {args.image_size}px, "
-          f"{args.workers} CPU workers each ({map_cpus} CPU per Ray Data task), {args.rounds} rounds, torch {torch.__version__}, ray {ray.__version__}")
+    print(
+        f"{n} training images stored at {args.stored_size}px -> batches at {args.image_size}px, "
+        f"{args.workers} CPU workers each ({map_cpus} CPU per Ray Data task), {args.rounds} rounds, "
+        f"torch {torch.__version__}, ray {ray.__version__}"
+    )
 
     from ray.data import DataContext
 
-    from workflows.raylib import SYSTEM_CONFIG, use_all_local_cpus_for_data
+    from components.runtime import SYSTEM_CONFIG, use_all_local_cpus_for_data
 
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             _system_config=SYSTEM_CONFIG)
+    ray.init(
+        num_cpus=args.workers,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        _system_config=SYSTEM_CONFIG,
+    )
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     DataContext.get_current().enable_progress_bars = False
     # A Dataset keeps a copy of the DataContext it was created under: (b0) keeps Ray's default
     # per-operator reservation (as on clusters), the others get ralflow's local-Ray setting.
-    ds_b0 = build_ray_dataset(work / "data", "train", args.image_size, augment, num_cpus=map_cpus)
+    ds_b0 = build_ray_dataset(manifest, "train", args.image_size, augment, num_cpus=map_cpus)
     use_all_local_cpus_for_data()
-    ds_b = build_ray_dataset(work / "data", "train", args.image_size, augment, num_cpus=map_cpus)
-    ds_b_decode = build_ray_dataset(work / "data", "train", args.stored_size, None, num_cpus=map_cpus)  # like (a): no resize, no augmentation
-    loader = torch.utils.data.DataLoader(FileDataset(files, labels, args.image_size, augment), batch_size=args.batch_size,
-                                         num_workers=args.workers, shuffle=True, persistent_workers=True)
+    ds_b = build_ray_dataset(manifest, "train", args.image_size, augment, num_cpus=map_cpus)
+    ds_b_decode = build_ray_dataset(
+        manifest, "train", args.stored_size, None, num_cpus=map_cpus
+    )  # like (a): no resize, no augmentation
+    loader = torch.utils.data.DataLoader(
+        FileDataset(files, labels, args.image_size, augment),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        shuffle=True,
+        persistent_workers=True,
+    )
     pool = ProcessPoolExecutor(args.workers)
     chunks = [blobs[i : i + 100] for i in range(0, n, 100)]
     aug_chunks = [(blobs[i : i + 64], labels[i : i + 64], args.image_size, augment) for i in range(0, n, 64)]
@@ -165,12 +192,20 @@ def main() -> int:
     print("|---|---:|---:|")
     print(f"| (a) decode only | {med['a']:.0f} | 1.00 × (a) |")
     print(f"| (a2) decode + augmentation, W processes (compute ceiling) | {med['a2']:.0f} | {ratio('a2', 'a')} |")
-    print(f"| (b) Ray Data -> iter_torch_batches (ralflow's local Ray) | {med['b']:.0f} | {ratio('b', 'c')}, {ratio('b', 'a2')} |")
-    print(f"| (b0) the same with Ray's default resource reservation (clusters) | {med['b0']:.0f} | {ratio('b0', 'c')} |")
+    print(
+        f"| (b) Ray Data -> iter_torch_batches (ralflow's local Ray) | {med['b']:.0f} | "
+        f"{ratio('b', 'c')}, {ratio('b', 'a2')} |"
+    )
+    print(
+        f"| (b0) the same with Ray's default resource reservation (clusters) | {med['b0']:.0f} | {ratio('b0', 'c')} |"
+    )
     print(f"| (b-decode) the same pipeline, decode only (as (a)) | {med['b-decode']:.0f} | {ratio('b-decode', 'a')} |")
     print(f"| (c) DataLoader over JPEG files | {med['c']:.0f} | {ratio('c', 'a2')} |")
-    print(f"goals: (b)/(c) = {ratio('b', 'c')} (>= 1.0); decode only, (b-decode)/(a) = {ratio('b-decode', 'a')} (>= 0.8)")
+    print(
+        f"goals: (b)/(c) = {ratio('b', 'c')} (>= 1.0); decode only, (b-decode)/(a) = {ratio('b-decode', 'a')} (>= 0.8)"
+    )
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,6 +6,7 @@ Prints a table of median microseconds per forward+backward and the ratio to ``bc
 in the same run (ratios are what to compare across machines; absolute numbers are noisy on
 shared CPUs). Goal: RAL eager <= 2x BCE.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ def loss_kwargs(name: str, c: int) -> dict:
 def time_interleaved(fns: dict, x, y, repeats: int, warmup: int, device: str) -> dict:
     """Median microseconds per forward+backward of each fn. The fns take turns, one step each
     per round in a rotating order, so drift on a shared machine hits every loss alike."""
+
     def step(fn):
         xr = x.detach().requires_grad_()
         fn(xr, y).backward()
@@ -45,7 +47,7 @@ def time_interleaved(fns: dict, x, y, repeats: int, warmup: int, device: str) ->
     names = list(fns)
     samples: dict = {n: [] for n in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             sync()
             t0 = time.perf_counter()
             step(fns[name])
@@ -69,8 +71,10 @@ def main() -> int:
     if "bce" not in names:
         names.insert(0, "bce")
     torch.manual_seed(0)
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"repeats={args.repeats} (median us per forward+backward; ratio = loss / bce, same run)")
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"repeats={args.repeats} (median us per forward+backward; ratio = loss / bce, same run)"
+    )
     for n, c in SHAPES:
         x = torch.randn(n, c, device=args.device) * 3
         y = (torch.rand(n, c, device=args.device) < 0.1).float()
@@ -91,8 +95,8 @@ def main() -> int:
         rows = {name: (t_eager[name], t_comp.get(name, float("nan"))) for name in names}
         be, bc = rows["bce"]
         print(f"\nN={n}, C={c}")
-        print(f"| loss | eager us | eager / bce | compiled us | compiled / bce |")
-        print(f"|---|---:|---:|---:|---:|")
+        print("| loss | eager us | eager / bce | compiled us | compiled / bce |")
+        print("|---|---:|---:|---:|---:|")
         for name, (e, cpl) in rows.items():
             print(f"| {name} | {e:.0f} | {e / be:.2f} | {cpl:.0f} | {cpl / bc:.2f} |")
     return 0

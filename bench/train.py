@@ -9,6 +9,7 @@
 
     python bench/train.py [--num-images 6000] [--image-size 64] [--model resnet10t] [--epochs 6]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,16 @@ def plain_loop_images_per_s(data, image_size, model_name, batch_size, steps, str
     `steps` batches decoded into memory first, then trained on (pure compute, an upper bound)."""
     import torch
 
-    from components.data.ingest import AugmentOptions, build_ray_dataset, normalize
-    from components.data.prepare import load_manifest
+    from components.data.ingest import AugmentOptions, build_ray_dataset
+    from components.data.manifest import Manifest
     from components.losses import build_loss
     from components.models import build_model
+    from components.models.inputs import normalize
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(model_name, len(load_manifest(data)["label_names"]), 1)
+    manifest = Manifest.load(data)
+    model = build_model(model_name, len(manifest.label_names), 1)
     loss_fn = build_loss("ral")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -49,9 +52,9 @@ def plain_loop_images_per_s(data, image_size, model_name, batch_size, steps, str
         opt.step()
         return len(b["image"])
 
-    ds = build_ray_dataset(data, "train", image_size, AugmentOptions())
+    ds = build_ray_dataset(manifest, "train", image_size, AugmentOptions())
     if streamed:
-        for epoch in range(2):
+        for _ in range(2):  # the first epoch warms the pipeline up; the second is timed
             t0 = time.perf_counter()
             n = sum(step(b) for b in ds.iter_torch_batches(batch_size=batch_size))
         return n / (time.perf_counter() - t0)
@@ -87,22 +90,48 @@ def main() -> int:
 
     import ray
 
-    from components.data.prepare import PrepareOptions, load_manifest, prepare_dataset
+    from components.data.prepare import PrepareOptions, prepare_dataset
     from components.data.synth import SynthOptions, write_synthetic_cxr_lt
-    from workflows.raylib import SYSTEM_CONFIG  # the same Ray settings `ralflow train` starts with
+    from components.runtime import SYSTEM_CONFIG  # the same Ray settings `ralflow train` starts with
 
-    write_synthetic_cxr_lt(args.work / "src", SynthOptions(num_images=args.num_images, image_size=max(args.image_size, 64) * 2), progress=None)
+    write_synthetic_cxr_lt(
+        args.work / "src",
+        SynthOptions(num_images=args.num_images, image_size=max(args.image_size, 64) * 2),
+        progress=None,
+    )
     data = args.work / "data"
-    prepare_dataset(PrepareOptions("cxr-lt-2023", str(args.work / "src"), image_size=args.image_size), data, log=lambda *_: None)
-    common = ["--data", str(data), "--model", args.model, "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-              "--tracking-uri", f"sqlite:///{args.work}/mlflow.db", "--storage-path", str(args.work / "runs"), "--lr", str(args.lr)]
+    manifest = prepare_dataset(
+        PrepareOptions("cxr-lt-2023", str(args.work / "src"), image_size=args.image_size), data, log=lambda *_: None
+    )
+    common = [
+        "--data",
+        str(data),
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--image-size",
+        str(args.image_size),
+        "--tracking-uri",
+        f"sqlite:///{args.work}/mlflow.db",
+        "--storage-path",
+        str(args.work / "runs"),
+        "--lr",
+        str(args.lr),
+    ]
 
     # 1. throughput, same process budget: one 1-CPU worker vs the plain loop on one thread. The
     # plain loops run before and after the Ray run, so drift of this shared machine shows.
-    steps = max(4, min(30, load_manifest(data)["splits"]["train"]["num_images"] // args.batch_size - 2))
+    steps = max(4, min(30, manifest.split("train").num_images // args.batch_size - 2))
 
     def plain(streamed):
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, _system_config=SYSTEM_CONFIG)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            _system_config=SYSTEM_CONFIG,
+        )
         try:
             return plain_loop_images_per_s(data, args.image_size, args.model, args.batch_size, steps, streamed)
         finally:
@@ -110,15 +139,33 @@ def main() -> int:
 
     if not args.skip_throughput:
         before = {s: plain(s) for s in (True, False)}
-        out = train_cli(args, *common, "--loss", "ral", "--epochs", "3", "--num-workers", "1", "--cpus-per-worker", "1", "--run-name", "throughput")
+        out = train_cli(
+            args,
+            *common,
+            "--loss",
+            "ral",
+            "--epochs",
+            "3",
+            "--num-workers",
+            "1",
+            "--cpus-per-worker",
+            "1",
+            "--run-name",
+            "throughput",
+        )
         ray_ips = [float(v) for v in re.findall(r"(\d+) img/s", out)][-1]  # the last epoch: warm
         after = {s: plain(s) for s in (True, False)}
         print(f"\nmodel {args.model}, {args.image_size}px, batch {args.batch_size}, CPU, one training thread each")
         print("| loop | images/s (before / after the Ray run) | Ray Train / this |")
         print("|---|---:|---:|")
-        for streamed, what in ((True, "an epoch streamed from the same Ray Data pipeline"), (False, "batches pre-decoded in memory (compute only)")):
+        for streamed, what in (
+            (True, "an epoch streamed from the same Ray Data pipeline"),
+            (False, "batches pre-decoded in memory (compute only)"),
+        ):
             b, a = before[streamed], after[streamed]
-            print(f"| plain PyTorch, {what} | {b:.0f} / {a:.0f} | {ray_ips / max(a, b):.2f}–{ray_ips / min(a, b):.2f} |")
+            print(
+                f"| plain PyTorch, {what} | {b:.0f} / {a:.0f} | {ray_ips / max(a, b):.2f}–{ray_ips / min(a, b):.2f} |"
+            )
         print(f"| Ray Train, one worker (TorchTrainer, get_dataset_shard) | {ray_ips:.0f} | 1.00 |", flush=True)
 
     if args.skip_quality:
@@ -126,11 +173,25 @@ def main() -> int:
     rows = []
     for loss in args.losses.split(","):
         t0 = time.perf_counter()
-        out = train_cli(args, *common, "--loss", loss, "--epochs", str(args.epochs), "--num-workers", "2", "--run-name", f"quality-{loss}")
+        out = train_cli(
+            args,
+            *common,
+            "--loss",
+            loss,
+            "--epochs",
+            str(args.epochs),
+            "--num-workers",
+            "2",
+            "--run-name",
+            f"quality-{loss}",
+        )
         m = re.search(r"best epoch (\d+): val mAP ([\d.]+) \(head ([\d.]+), medium ([\d.]+), tail ([\d.]+)\)", out)
         rows.append((loss, *m.groups()[1:], time.perf_counter() - t0))
         print(f"  {loss}: done", file=sys.stderr, flush=True)
-    print(f"\nquality: {args.num_images} synthetic images, {args.image_size}px, {args.model}, {args.epochs} epochs, 2 workers, defaults")
+    print(
+        f"\nquality: {args.num_images} synthetic images, {args.image_size}px, {args.model}, {args.epochs} epochs, "
+        "2 workers, defaults"
+    )
     print("| loss | val mAP | head | medium | tail | wall s |")
     print("|---|---:|---:|---:|---:|---:|")
     for loss, m, h, md, t, secs in rows:

@@ -1,18 +1,23 @@
-"""One typed configuration for training (and tuning): dataclass defaults, overridden by a
-YAML file, overridden by command-line flags. The resolved config is saved with every run.
+"""The one typed configuration for training and tuning: dataclass defaults, overridden by a YAML
+file, overridden by command-line flags. The resolved config is saved with every run.
 
-YAML mirrors the sections below, e.g.::
+Every field is declared once, here, with ``setting(...)``: its default, its help text, its
+allowed values and (only where the field name alone would be ambiguous) its flag name.
+``components.flags`` generates the command-line flags from these declarations, so adding a
+field adds its flag. YAML mirrors the sections below, e.g.::
 
     model: {name: resnet18, in_chans: 1}
     loss: {name: ral, params: {lamb: 2.0, gamma_neg: 3}}
     train: {epochs: 20, batch_size: 32, num_workers: 4, use_gpu: true}
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,61 +25,80 @@ from typing import Any
 from .errors import UserError
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, choices=None, factory=None):
+    """A config field with what its flag needs: ``help``, ``choices`` (also checked on load) and
+    ``flag`` (default: ``--field-name``)."""
+    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"           # any timm model name
-    in_chans: int = 1                # chest films are grayscale
-    pretrained_path: str | None = None  # local weights file (never downloaded at run time)
-    drop_rate: float = 0.0
+    name: str = setting("resnet18", flag="--model", help="timm model name")
+    in_chans: int = setting(1, help="input channels (chest films are grayscale)")
+    pretrained_path: str | None = setting(None, help="local weights file to start from (never downloaded at run time)")
+    drop_rate: float = setting(0.0, help="dropout before the classifier")
 
 
 @dataclass
 class DataConfig:
-    path: str = ""                   # a prepared dataset (folder with manifest.json)
-    image_size: int | None = None    # default: the prepared image size
-    crop_scale_min: float = 0.75
-    rotation_degrees: float = 7.0
-    hflip: bool = False
-    brightness: float = 0.2
-    contrast: float = 0.2
-    map_cpus: float = 0.5            # CPUs per Ray Data decode/augment task
+    path: str = setting("", flag="--data", help="prepared dataset folder (manifest.json)")
+    image_size: int | None = setting(None, help="training image side in px (default: the prepared size)")
+    crop_scale_min: float = setting(0.75, help="random resized crop: smallest area fraction")
+    rotation_degrees: float = setting(7.0, help="random rotation range in degrees")
+    hflip: bool = setting(False, help="random horizontal flip (off: chest films are not mirror-symmetric)")
+    brightness: float = setting(0.2, help="brightness jitter")
+    contrast: float = setting(0.2, help="contrast jitter")
+    map_cpus: float = setting(0.5, help="CPUs per Ray Data decode/augment task")
 
 
 @dataclass
 class LossConfig:
-    name: str = "ral"
-    params: dict = field(default_factory=dict)
+    name: str = setting("ral", flag="--loss", help="loss name, see `ralflow losses`")
+    params: dict = setting(factory=dict, flag="--loss-param", help="loss parameter K=V (repeatable)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01       # cosine decays to lr * min_lr_ratio
+    lr: float = setting(1e-3, help="peak learning rate (AdamW)")
+    weight_decay: float = setting(1e-4, help="AdamW weight decay")
+    warmup_epochs: float = setting(1.0, help="linear warmup length in epochs")
+    min_lr_ratio: float = setting(0.01, help="cosine decays to lr * this")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32             # per worker
-    num_workers: int = 2             # Ray Train workers (0 = local mode, in the driver)
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.5     # leave CPUs to Ray Data on small machines
-    placement_strategy: str = "PACK"  # PACK | SPREAD (one worker per node where possible)
-    amp: str = "auto"                # auto | off | bf16 | fp16 (autocast on GPU; the loss stays fp32)
-    seed: int = 0
-    keep_checkpoints: int = 2        # best N by val mAP
-    max_failures: int = 2            # worker-group restarts from the latest checkpoint
-    fail_at_epoch: int | None = None  # fault drill: one worker exits once at this epoch
+    epochs: int = setting(10, help="training epochs")
+    batch_size: int = setting(32, help="per-worker batch size")
+    num_workers: int = setting(2, help="Ray Train workers (0 = local mode, in the driver)")
+    use_gpu: bool = setting(False, help="one GPU per worker")
+    cpus_per_worker: float = setting(0.5, help="CPUs per Ray Train worker (leave some to Ray Data)")
+    placement_strategy: str = setting(
+        "PACK", choices=PLACEMENT_STRATEGIES, help="PACK, or SPREAD for one worker per node"
+    )
+    amp: str = setting("auto", choices=AMP_MODES, help="autocast on GPU (the loss stays float32)")
+    seed: int = setting(0, help="random seed")
+    keep_checkpoints: int = setting(2, help="keep the best N checkpoints by val mAP")
+    max_failures: int = setting(2, help="worker-group restarts from the latest checkpoint")
+    fail_at_epoch: int | None = setting(None, help="fault drill: one worker exits once at this epoch")
 
 
 @dataclass
 class TrackingConfig:
-    tracking_uri: str | None = None  # default: sqlite:///<cwd>/mlflow.db
-    experiment: str = "ralflow"
-    run_name: str | None = None      # default: derived from the config (stable => resumable)
-    storage_path: str | None = None  # default: <cwd>/ralflow-runs
+    tracking_uri: str | None = setting(None, help="MLflow tracking URI (default sqlite:///<cwd>/mlflow.db)")
+    experiment: str = setting("ralflow", help="MLflow experiment")
+    run_name: str | None = setting(
+        None, help="Ray Train / MLflow run name (default: from the config; stable => resumable)"
+    )
+    storage_path: str | None = setting(
+        None, help="Ray Train storage (default <cwd>/ralflow-runs; shared on multi-node)"
+    )
 
 
 @dataclass
@@ -108,19 +132,55 @@ class Config:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def sections(cfg_type=Config) -> dict[str, type]:
+    """Section name -> its dataclass, in declaration order."""
+    hints = typing.get_type_hints(cfg_type)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cfg_type)}
+
+
+def field_type(section_type: type, name: str):
+    """The declared type of a field, with ``X | None`` reduced to ``(X, optional)``."""
+    t = typing.get_type_hints(section_type)[name]
+    args = typing.get_args(t)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return t, False
+
+
+def check_value(origin: str, section: str, section_type: type, name: str, value: Any) -> Any:
+    """``value`` as the field's type (an int is a valid float), or a UserError naming the field."""
+    t, optional = field_type(section_type, name)
+    if value is None:
+        if optional:
+            return None
+    elif t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif t is bool and isinstance(value, bool):
+        return value
+    elif t is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif t in (str, dict) and isinstance(value, t):
+        return value
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}[t]
+    raise UserError(f"{origin}: {section}.{name}={value!r} is not {kind}", field=f"{section}.{name}")
+
+
 def merge(cfg: Config, overrides: dict, origin: str) -> Config:
-    """Apply a nested dict (from YAML or flags); unknown sections/keys are errors naming them."""
+    """Apply a nested dict (from YAML or flags); unknown sections/keys and values of the wrong
+    type are errors naming them."""
+    known_sections = sections()
     for section, values in (overrides or {}).items():
-        if not hasattr(cfg, section):
-            raise UserError(f"{origin}: unknown section '{section}' (known: {', '.join(f.name for f in dataclasses.fields(cfg))})")
+        if section not in known_sections:
+            raise UserError(f"{origin}: unknown section '{section}' (known: {', '.join(known_sections)})")
         if not isinstance(values, dict):
             raise UserError(f"{origin}: section '{section}' must be a mapping")
         target = getattr(cfg, section)
-        known = {f.name: f for f in dataclasses.fields(target)}
+        known = {f.name for f in dataclasses.fields(target)}
         for key, value in values.items():
             if key not in known:
                 raise UserError(f"{origin}: unknown key '{section}.{key}' (known: {', '.join(known)})")
-            if key == "params" and isinstance(value, dict):
+            value = check_value(origin, section, type(target), key, value)
+            if key == "params":
                 target.params = {**target.params, **value}
             else:
                 setattr(target, key, value)
@@ -128,25 +188,28 @@ def merge(cfg: Config, overrides: dict, origin: str) -> Config:
 
 
 def load_config(yaml_path: str | None = None, overrides: dict | None = None) -> Config:
+    """Typed defaults, then the YAML file, then ``overrides`` (from flags); defaults resolved."""
     import yaml
 
     cfg = Config()
     if yaml_path:
         path = Path(yaml_path)
         if not path.is_file():
-            raise UserError(f"--config {yaml_path}: file not found")
+            raise UserError(f"config {yaml_path}: file not found", field="config")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise UserError(f"--config {yaml_path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"config {yaml_path}: invalid YAML: {str(exc).splitlines()[0]}", field="config") from None
         if not isinstance(data, dict):
-            raise UserError(f"--config {yaml_path}: expected a mapping of sections")
+            raise UserError(f"config {yaml_path}: expected a mapping of sections", field="config")
         merge(cfg, data, yaml_path)
     merge(cfg, overrides or {}, "command line")
     return resolve_defaults(cfg)
 
 
 def resolve_defaults(cfg: Config) -> Config:
+    """Fill the machine-dependent defaults (paths under the working directory, the run name) and
+    check values against their declared choices and ranges. Done once, on the driver."""
     t = cfg.tracking
     if not t.tracking_uri:
         t.tracking_uri = f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
@@ -156,16 +219,22 @@ def resolve_defaults(cfg: Config) -> Config:
         t.storage_path = str(Path(t.storage_path).expanduser().resolve())
     if cfg.data.path and "://" not in cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
-    if cfg.train.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        raise UserError(f"train.placement_strategy={cfg.train.placement_strategy!r} is invalid; allowed: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD")
-    if cfg.train.amp not in ("auto", "off", "bf16", "fp16"):
-        raise UserError(f"train.amp={cfg.train.amp!r} is invalid; allowed: auto | off | bf16 | fp16")
-    for name, value, ok in (("train.epochs", cfg.train.epochs, cfg.train.epochs >= 1),
-                            ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1),
-                            ("train.num_workers", cfg.train.num_workers, cfg.train.num_workers >= 0),
-                            ("optim.lr", cfg.optim.lr, cfg.optim.lr > 0)):
+    for section, section_type in sections().items():
+        for f in dataclasses.fields(section_type):
+            value, choices = getattr(getattr(cfg, section), f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise UserError(
+                    f"{section}.{f.name}={value!r} is invalid; allowed: {' | '.join(choices)}",
+                    field=f"{section}.{f.name}",
+                )
+    for name, value, ok in (
+        ("train.epochs", cfg.train.epochs, cfg.train.epochs >= 1),
+        ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1),
+        ("train.num_workers", cfg.train.num_workers, cfg.train.num_workers >= 0),
+        ("optim.lr", cfg.optim.lr, cfg.optim.lr > 0),
+    ):
         if not ok:
-            raise UserError(f"{name}={value!r} is invalid")
+            raise UserError(f"{name}={value!r} is invalid", field=name)
     if not t.run_name:
         t.run_name = f"{cfg.loss.name}-{cfg.model.name}-{cfg.run_key()}"
     return cfg

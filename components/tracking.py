@@ -1,44 +1,56 @@
-"""MLflow helpers: reachability check, stable runs, epoch metrics without duplicates, the
-logged model (a pyfunc that maps images to per-class probabilities) and the per-class AP
-artifacts. Only the driver and rank 0 call these."""
+"""Everything ralflow writes to MLflow goes through this module.
+
+``TrackedRun`` owns one MLflow run (its id and every write: params, per-epoch metrics, restart
+markers, artifacts, the model, the final status and its reason); ``ModelRegistry`` owns the
+registry writes (versions and aliases). Train, each Tune trial, the sweep's parent run, predict
+and promote use them. A ``TrackedRun`` is picklable: Ray Train workers get it with their job and
+open their own client.
+"""
+
 from __future__ import annotations
 
-import json
 import math
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
 from .errors import UserError
 
 RUN_KEY_TAG = "ralflow.run_name"
+RESTART_METRIC = "restart_from_epoch"
+END_REASON_TAG = "ralflow.end_reason"
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before any training, when the tracking store cannot be used."""
+    field = "tracking.tracking_uri"
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r:
                 if r.status != 200:
-                    raise UserError(f"MLflow tracking server at {uri} answered {r.status} on /health")
+                    raise UserError(f"MLflow tracking server at {uri} answered {r.status} on /health", field=field)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise UserError(f"cannot reach the MLflow tracking server at {uri} ({reason}); start it or fix --tracking-uri") from None
+            raise UserError(
+                f"cannot reach the MLflow tracking server at {uri} ({reason}); start it or fix {field}", field=field
+            ) from None
     elif uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///"):]).parent
+        parent = Path(uri[len("sqlite:///") :]).parent
         if not parent.is_dir():
-            raise UserError(f"--tracking-uri {uri}: folder {parent} does not exist")
+            raise UserError(f"{field} {uri}: folder {parent} does not exist", field=field)
     elif uri.startswith(("file:", "databricks", "postgresql", "mysql", "mssql")) or "://" not in uri:
         return
     else:
-        raise UserError(f"--tracking-uri {uri}: unsupported scheme (use http(s)://, sqlite:///, postgresql:// or a path)")
+        raise UserError(
+            f"{field} {uri}: unsupported scheme (use http(s)://, sqlite:///, postgresql:// or a path)", field=field
+        )
 
 
 def client(uri: str):
+    """An MLflow client for reading (runs, metric histories, model versions)."""
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=uri)
@@ -49,73 +61,201 @@ def experiment_id(c, name: str) -> str:
     if exp is None:
         return c.create_experiment(name)
     if exp.lifecycle_stage == "deleted":
-        raise UserError(f"MLflow experiment '{name}' is deleted; restore it or use another --experiment")
+        raise UserError(
+            f"tracking.experiment: MLflow experiment '{name}' is deleted; restore it or use another",
+            field="tracking.experiment",
+        )
     return exp.experiment_id
 
 
-def find_or_create_run(c, exp_id: str, run_name: str, tags: dict | None = None) -> tuple[str, bool]:
-    """The run carrying ``run_name`` (resumed), else a new one. Returns (run_id, resumed)."""
-    found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_name}'", max_results=1,
-                          order_by=["attributes.start_time DESC"])
-    if found:
-        run = found[0]
-        if run.info.status != "RUNNING":
-            c.update_run(run.info.run_id, status="RUNNING")
-        return run.info.run_id, True
-    run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_name, **(tags or {})})
-    return run.info.run_id, False
-
-
-def logged_steps(c, run_id: str, key: str) -> set[int]:
-    return {m.step for m in c.get_metric_history(run_id, key)}
-
-
-def log_epoch(c, run_id: str, metrics: dict, epoch: int) -> None:
-    """Per-epoch scalar metrics at step=epoch; an epoch already logged is not logged again
-    (a restored run may report the same epoch twice)."""
+def _finite_metrics(metrics: dict, step: int) -> list:
     from mlflow.entities import Metric
-    import time
 
-    if epoch in logged_steps(c, run_id, "val_mAP"):
-        return
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-    c.log_batch(run_id, metrics=batch)
+    return [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
 
 
-RESTART_METRIC = "restart_from_epoch"
+class TrackedRun:
+    """One MLflow run and every write to it."""
+
+    def __init__(self, tracking_uri: str, run_id: str, resumed: bool = False) -> None:
+        self.tracking_uri, self.run_id, self.resumed = tracking_uri, run_id, resumed
+        self._client = None
+
+    def __getstate__(self) -> dict:  # the client holds connections: each process opens its own
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client(self.tracking_uri)
+        return self._client
+
+    @classmethod
+    def open(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict | None = None) -> TrackedRun:
+        """The run carrying ``run_name`` (resumed, status back to RUNNING), else a new one."""
+        c = client(tracking_uri)
+        exp_id = experiment_id(c, experiment)
+        found = c.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_name}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].info.status != "RUNNING":
+                c.update_run(run_id, status="RUNNING")
+            return cls(tracking_uri, run_id, resumed=True)
+        return cls.create(tracking_uri, experiment, run_name, tags)
+
+    @classmethod
+    def create(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict | None = None) -> TrackedRun:
+        """Always a new run."""
+        c = client(tracking_uri)
+        run = c.create_run(
+            experiment_id(c, experiment), run_name=run_name, tags={RUN_KEY_TAG: run_name, **(tags or {})}
+        )
+        return cls(tracking_uri, run.info.run_id)
+
+    def get(self):
+        """The run as MLflow has it now (info, params, metrics, tags)."""
+        return self.client.get_run(self.run_id)
+
+    def log_params(self, params: dict) -> None:
+        """Params as strings capped to MLflow's limit. Params already logged (a resumed run) are
+        skipped: MLflow refuses to change a logged param."""
+        from mlflow.entities import Param
+
+        existing = self.get().data.params
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        """Finite scalar metrics at ``step`` (others are left out)."""
+        if batch := _finite_metrics(metrics, step):
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_epoch(self, metrics: dict, epoch: int) -> None:
+        """Per-epoch metrics at step=epoch; an epoch already logged is not logged again (a
+        restored run may report the same epoch twice)."""
+        if epoch not in {m.step for m in self.client.get_metric_history(self.run_id, "val_mAP")}:
+            self.log_metrics(metrics, epoch)
+
+    def log_restart(self, epoch: int) -> None:
+        """Record that training restarted from the checkpoint of ``epoch`` (one value per restart)."""
+        self.log_metrics({RESTART_METRIC: epoch}, epoch)
+
+    def restarts(self) -> list[int]:
+        """The epochs this run restarted from, in the order the restarts happened."""
+        history = sorted(self.client.get_metric_history(self.run_id, RESTART_METRIC), key=lambda m: m.timestamp)
+        return [int(m.value) for m in history]
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_files(self, files: dict[str, str | bytes], artifact_path: str | None = None) -> None:
+        """Artifacts from memory: file name -> text or bytes."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                p = Path(tmp) / name
+                p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
+                self.log_file(p, artifact_path)
+
+    def has_model(self) -> bool:
+        exp = self.get().info.experiment_id
+        return bool(
+            self.client.search_logged_models(experiment_ids=[exp], filter_string=f"source_run_id = '{self.run_id}'")
+        )
+
+    def log_model(self, state_dict, model_name: str, in_chans: int, image_size: int, label_names) -> None:
+        """The trained network as the registered-model pyfunc (``components.models.pyfunc``),
+        with its signature, an input example and ralflow's metadata."""
+        import json
+
+        import mlflow
+        import numpy as np
+        import torch
+
+        from .models.pyfunc import ChestXrayClassifier, signature
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            weights, spec = Path(tmp) / "weights.pt", Path(tmp) / "spec.json"
+            torch.save(state_dict, weights)
+            meta = {
+                "model": model_name,
+                "in_chans": in_chans,
+                "image_size": image_size,
+                "label_names": list(label_names),
+            }
+            spec.write_text(json.dumps(meta))
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=ChestXrayClassifier(),
+                    artifacts={"weights": str(weights), "spec": str(spec)},
+                    signature=signature(in_chans, len(label_names)),
+                    input_example=np.zeros((1, in_chans, image_size, image_size), dtype=np.uint8),
+                    metadata={"label_names": list(label_names), "image_size": image_size, "in_chans": in_chans},
+                )
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """End the run as FINISHED, FAILED or KILLED, recording why when there is a reason."""
+        if reason:
+            self.client.set_tag(self.run_id, END_REASON_TAG, reason[:5000])
+        self.client.set_terminated(self.run_id, status)
 
 
-def log_restart(c, run_id: str, epoch: int) -> None:
-    """Record that training restarted from the checkpoint of ``epoch`` (one value per restart)."""
-    from mlflow.entities import Metric
-    import time
+class ModelRegistry:
+    """Registry writes: model versions with their lineage tags, and aliases."""
 
-    c.log_batch(run_id, metrics=[Metric(RESTART_METRIC, float(epoch), int(time.time() * 1000), epoch)])
+    def __init__(self, tracking_uri: str) -> None:
+        import mlflow
 
+        mlflow.set_registry_uri(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.client = client(tracking_uri)
 
-def restarts(c, run_id: str) -> list[int]:
-    """The epochs a run restarted from, in the order the restarts happened."""
-    history = sorted(c.get_metric_history(run_id, RESTART_METRIC), key=lambda m: m.timestamp)
-    return [int(m.value) for m in history]
+    def alias_version(self, name: str, alias: str):
+        """The version holding ``alias``, or None."""
+        from mlflow.exceptions import MlflowException
 
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
 
-def log_params(c, run_id: str, params: dict) -> None:
-    """Flattened params; values are strings capped to MLflow's limit. Params already logged
-    (a resumed run) are skipped: MLflow refuses to change a logged param."""
-    from mlflow.entities import Param
+    def register(self, name: str, run_id: str, tags: dict) -> int:
+        """A new version of ``name`` from the run's logged model; returns its number."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
 
-    existing = c.get_run(run_id).data.params
-    items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
-    for i in range(0, len(items), 100):
-        c.log_batch(run_id, params=items[i : i + 100])
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description="ralflow chest X-ray classifier")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return int(mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags).version)
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self.client.set_registered_model_alias(name, alias, str(version))
 
 
 def per_class_table(label_names, ap, counts, groups) -> str:
     rows = ["label,group,train_count,ap"]
     for name, a, n, g in zip(label_names, ap, counts, groups):
-        rows.append(f"\"{name}\",{g},{int(n)},{'' if a is None or (isinstance(a, float) and math.isnan(a)) else f'{a:.6f}'}")
+        value = "" if a is None or (isinstance(a, float) and math.isnan(a)) else f"{a:.6f}"
+        rows.append(f'"{name}",{g},{int(n)},{value}')
     return "\n".join(rows) + "\n"
 
 
@@ -145,69 +285,3 @@ def per_class_chart(label_names, ap, counts, groups, path: str | Path, title: st
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-# -- the logged model --------------------------------------------------------------------------
-
-try:
-    import mlflow.pyfunc as _pyfunc
-
-    _PythonModel = _pyfunc.PythonModel
-except Exception:  # pragma: no cover - mlflow is a dependency; keep imports of this module cheap
-    _PythonModel = object
-
-
-class ChestXrayClassifier(_PythonModel):
-    """pyfunc: float32 images (N, C_in, H, W), normalised as in training -> (N, classes)
-    probabilities. ``label_names`` in the model's metadata give the column order."""
-
-    # The signature logged with the model describes the input (float32 images); this skips
-    # MLflow's type-hint based wrapping of predict and its warning about missing hints.
-    _skip_type_hint_validation = True
-
-    def load_context(self, context):
-        import torch
-
-        from .models import build_model
-
-        spec = json.loads(Path(context.artifacts["spec"]).read_text())
-        self.label_names = spec["label_names"]
-        self.model = build_model(spec["model"], len(self.label_names), spec["in_chans"])
-        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state)
-        self.model.eval()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
-
-    def predict(self, context, model_input, params=None):
-        import torch
-
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32), device=self.device)
-        with torch.inference_mode():
-            return torch.sigmoid(self.model(x).float()).cpu().numpy()
-
-
-def log_model(run_id: str, tracking_uri: str, state_dict, model_name: str, in_chans: int, image_size: int,
-              label_names, registered_model_name: str | None = None):
-    """Log the trained network to ``run_id`` with MLflow 3's API (name=, signature, input example)."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    mlflow.set_tracking_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "weights.pt"
-        torch.save(state_dict, weights)
-        spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"model": model_name, "in_chans": in_chans, "image_size": image_size,
-                                    "label_names": list(label_names)}))
-        example = np.zeros((2, in_chans, image_size, image_size), dtype=np.float32)
-        signature = infer_signature(example, np.zeros((2, len(label_names)), dtype=np.float32))
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=ChestXrayClassifier(), artifacts={"weights": str(weights), "spec": str(spec)},
-                signature=signature, input_example=example,
-                metadata={"label_names": list(label_names), "image_size": image_size, "in_chans": in_chans},
-                registered_model_name=registered_model_name,
-            )
-    return info

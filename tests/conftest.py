@@ -1,4 +1,5 @@
 """Shared fixtures. Ray-based tests share one local Ray cluster per session (see ray_cluster)."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RALFLOW = str(Path(sys.executable).with_name("ralflow"))
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, module: str | None = None):
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, module: str | None = None
+):
     """Run ``ralflow ARGS`` (or ``python -m MODULE ARGS``) in a fresh process; return the result."""
     cmd = [sys.executable, "-m", module, *args] if module else [RALFLOW, *args]
     # The session's RAY_ADDRESS names the test cluster for its own processes; a CLI joins it only
@@ -31,7 +34,7 @@ def ray_address():
     """One local Ray cluster for the whole test session; subprocesses join it with --address."""
     import ray
 
-    from workflows.raylib import start_local_ray
+    from components.runtime import start_local_ray
 
     address = start_local_ray(num_cpus=2, logging_level="ERROR", log_to_driver=False)
     yield address
@@ -45,7 +48,12 @@ def tiny_dataset(tmp_path_factory):
     from components.data.synth import SynthOptions, write_synthetic_cxr_lt
 
     root = tmp_path_factory.mktemp("tiny")
-    write_synthetic_cxr_lt(root / "src", SynthOptions(num_images=480, image_size=64, seed=9, val_fraction=0.3), progress=None)
-    prepare_dataset(PrepareOptions("cxr-lt-2023", str(root / "src"), image_size=40, rows_per_shard=128),
-                    root / "data", log=lambda *_: None)
+    write_synthetic_cxr_lt(
+        root / "src", SynthOptions(num_images=480, image_size=64, seed=9, val_fraction=0.3), progress=None
+    )
+    prepare_dataset(
+        PrepareOptions("cxr-lt-2023", str(root / "src"), image_size=40, rows_per_shard=128),
+        root / "data",
+        log=lambda *_: None,
+    )
     return root / "data"

@@ -1,4 +1,5 @@
 """Tiny datasets in the real on-disk formats of shared/specs/data.md, written by the tests."""
+
 from __future__ import annotations
 
 import csv
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components.data.labels import CHEXPERT, CXR_LT_2023_COUNTS, CXR_LT_2024, NIH
+from components.data.labels import CHEXPERT, CXR_LT_2023_COUNTS, CXR_LT_2024
 
 
 def write_image(path: Path, size=(64, 80), value=120, fmt="JPEG", seed=0) -> Path:
@@ -34,7 +35,9 @@ def cxr_lt_2023(root: Path, n_train=6, n_dev=3, extra_meta=True, shuffle_labels=
     """Label columns deliberately out of the canonical order: readers must go by name."""
     labels = list(CXR_LT_2023_COUNTS)
     order = labels[::-1] if shuffle_labels else labels
-    meta = ["dicom_id", "subject_id", "study_id", "ViewPosition", "path"] + (["ViewCodeSequence_CodeMeaning"] if extra_meta else [])
+    meta = ["dicom_id", "subject_id", "study_id", "ViewPosition", "path"] + (
+        ["ViewCodeSequence_CodeMeaning"] if extra_meta else []
+    )
     truth = {}
     for fname, n, offset in (("train.csv", n_train, 0), ("development.csv", n_dev, 100)):
         rows = []
@@ -44,7 +47,11 @@ def cxr_lt_2023(root: Path, n_train=6, n_dev=3, extra_meta=True, shuffle_labels=
             write_image(root / rel, seed=offset + i)
             y = {name: int((i + k) % 5 == 0) for k, name in enumerate(labels)}
             truth[dicom] = [float(y[name]) for name in labels]
-            rows.append([dicom, subj, study, "PA", rel] + (["postero-anterior"] if extra_meta else []) + [y[name] for name in order])
+            rows.append(
+                [dicom, subj, study, "PA", rel]
+                + (["postero-anterior"] if extra_meta else [])
+                + [y[name] for name in order]
+            )
         write_csv(root / fname, meta + order, rows)
     return truth
 
@@ -61,10 +68,25 @@ def cxr_lt_2024(root: Path, n=4) -> None:
 
 
 def nih(root: Path) -> None:
-    header = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
-              "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
-    entries = [("00000001_000.png", "Cardiomegaly|Effusion", "1"), ("00000001_001.png", "No Finding", "1"),
-               ("00000002_000.png", "Hernia", "2"), ("00000003_000.png", "Pleural_Thickening|Mass|Nodule", "3")]
+    header = [
+        "Image Index",
+        "Finding Labels",
+        "Follow-up #",
+        "Patient ID",
+        "Patient Age",
+        "Patient Gender",
+        "View Position",
+        "OriginalImage[Width",
+        "Height]",
+        "OriginalImagePixelSpacing[x",
+        "y]",
+    ]
+    entries = [
+        ("00000001_000.png", "Cardiomegaly|Effusion", "1"),
+        ("00000001_001.png", "No Finding", "1"),
+        ("00000002_000.png", "Hernia", "2"),
+        ("00000003_000.png", "Pleural_Thickening|Mass|Nodule", "3"),
+    ]
     rows = []
     for k, (name, findings, pid) in enumerate(entries):
         folder = "images_001/images" if k < 2 else "images_002/images"

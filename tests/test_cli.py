@@ -1,4 +1,5 @@
 """The ralflow command contract: help, losses listing, module entrypoints, one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,8 @@ def test_demo_runs_and_prints_table(cli):
     r = cli("demo", "--num-train", "3000", "--num-test", "2000", "--epochs", "3")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    header = next(i for i, l in enumerate(lines) if l.startswith("loss"))
-    rows = {l.split()[0]: [float(v) for v in l.split()[1:]] for l in lines[header + 1 :] if l.strip()}
+    header = next(i for i, line in enumerate(lines) if line.startswith("loss"))
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[header + 1 :] if line.strip()}
     assert set(rows) == {"bce", "asl", "ral"}
     assert all(0.0 < v[0] <= 1.0 for v in rows.values())  # macro mAP is a probability-like score
 

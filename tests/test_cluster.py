@@ -1,6 +1,7 @@
 """A real 2-node Ray cluster and a real MLflow server started by cluster/local.sh; a tiny training
 job submitted with `ralflow submit` must spread its workers over both nodes, checkpoint into the
 shared storage path, and its model must land in the server's registry. Stops what it started."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,15 @@ PORTS = {"RALFLOW_RAY_PORT": "6391", "RALFLOW_DASHBOARD_PORT": "8291", "RALFLOW_
 @pytest.fixture
 def local_cluster(tmp_path_factory):
     state = Path(f"/tmp/rfc-{os.getpid()}")  # short: Ray's socket paths must stay < 108 chars
-    env = {**os.environ, **PORTS, "RALFLOW_CLUSTER_DIR": str(state), "RALFLOW_WORKER_NODES": "1",
-           "RALFLOW_HEAD_CPUS": "1", "RALFLOW_WORKER_CPUS": "1", "RALFLOW_OBJECT_STORE_MB": "300"}
+    env = {
+        **os.environ,
+        **PORTS,
+        "RALFLOW_CLUSTER_DIR": str(state),
+        "RALFLOW_WORKER_NODES": "1",
+        "RALFLOW_HEAD_CPUS": "1",
+        "RALFLOW_WORKER_CPUS": "1",
+        "RALFLOW_OBJECT_STORE_MB": "300",
+    }
     script = str(ROOT / "cluster" / "local.sh")
     up = subprocess.run(["bash", script, "up"], env=env, capture_output=True, text=True, timeout=300)
     try:
@@ -37,21 +45,55 @@ def local_cluster(tmp_path_factory):
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         for port in (*PORTS.values(), "8301", "8302"):  # GCS, dashboard, MLflow, the nodes' agents
             assert f":{port} " not in listening, f"port {port} still in use after down"
-        assert subprocess.run(["curl", "-sf", f"http://127.0.0.1:{PORTS['RALFLOW_MLFLOW_PORT']}/health"]).returncode != 0
+        assert (
+            subprocess.run(["curl", "-sf", f"http://127.0.0.1:{PORTS['RALFLOW_MLFLOW_PORT']}/health"]).returncode != 0
+        )
 
 
 def test_submit_to_two_node_cluster_with_mlflow_server(local_cluster, tiny_dataset, tmp_path):
     state, env, up_out = local_cluster
     assert "RAY_ADDRESS=http://127.0.0.1:8291" in up_out and "MLFLOW_TRACKING_URI=http://127.0.0.1:5056" in up_out
-    status = subprocess.run(["bash", str(ROOT / "cluster" / "local.sh"), "status"], env=env, capture_output=True, text=True)
+    status = subprocess.run(
+        ["bash", str(ROOT / "cluster" / "local.sh"), "status"], env=env, capture_output=True, text=True
+    )
     assert len(re.findall(r"\d+ node_", status.stdout)) == 2 or status.stdout.count("node_") >= 2, status.stdout
     uri, address, storage = "http://127.0.0.1:5056", "http://127.0.0.1:8291", state / "shared"
     spread = tmp_path / "spread.yaml"
     spread.write_text("train: {placement_strategy: SPREAD}\n")
-    r = run_cli("submit", "--address", address, "--env", "RALFLOW_DEBUG=1", "train", "--data", str(tiny_dataset), "--model", "resnet10t",
-                "--epochs", "1", "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "0.5", "--image-size", "32",
-                "--config", str(spread), "--tracking-uri", uri, "--storage-path", str(storage), "--run-name", "cluster-test",
-                "--experiment", "cluster", env=env, timeout=900)
+    r = run_cli(
+        "submit",
+        "--address",
+        address,
+        "--env",
+        "RALFLOW_DEBUG=1",
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--model",
+        "resnet10t",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "2",
+        "--cpus-per-worker",
+        "0.5",
+        "--image-size",
+        "32",
+        "--config",
+        str(spread),
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(storage),
+        "--run-name",
+        "cluster-test",
+        "--experiment",
+        "cluster",
+        env=env,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     run_id = re.search(r"run id: (\w+)", r.stdout).group(1)
     assert re.search(r"job \S+ SUCCEEDED", r.stdout)
@@ -63,8 +105,20 @@ def test_submit_to_two_node_cluster_with_mlflow_server(local_cluster, tiny_datas
     assert run.info.status == "FINISHED"
     assert list((storage / "cluster-test").glob("epoch-0000/state.pt")), "checkpoint in the shared storage path"
 
-    r = run_cli("submit", "--address", address, "promote", "--tracking-uri", uri, "--model-name", "cluster-cxr",
-                "--run-id", run_id, env=env, timeout=300)
+    r = run_cli(
+        "submit",
+        "--address",
+        address,
+        "promote",
+        "--tracking-uri",
+        uri,
+        "--model-name",
+        "cluster-cxr",
+        "--run-id",
+        run_id,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     mv = c.get_model_version_by_alias("cluster-cxr", "champion")
     assert mv.tags["source_run_id"] == run_id and int(mv.version) == 1

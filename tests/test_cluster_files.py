@@ -1,5 +1,6 @@
 """Every manifest and YAML under cluster/ parses, and every Ray version pin agrees with the
 Ray pinned in pyproject.toml."""
+
 from __future__ import annotations
 
 import re
@@ -19,7 +20,13 @@ def pinned_ray() -> str:
 
 def test_cluster_yaml_parses_and_ray_pins_agree():
     files = sorted((ROOT / "cluster").rglob("*.yaml"))
-    assert {f.name for f in files} >= {"raycluster.yaml", "rayjob-train.yaml", "rayjob-tune.yaml", "aws.yaml", "mlflow-server.yaml"}
+    assert {f.name for f in files} >= {
+        "raycluster.yaml",
+        "rayjob-train.yaml",
+        "rayjob-tune.yaml",
+        "aws.yaml",
+        "mlflow-server.yaml",
+    }
     version = pinned_ray()
     seen = 0
     for f in files:
@@ -54,7 +61,7 @@ def test_kuberay_manifests_have_the_three_node_types():
 def test_every_cluster_recipe_keeps_idle_workers_like_local_ray():
     """The idle-worker timeout that keeps Ray Data's per-epoch tasks warm (workflows/raylib.py)
     is set, with the same value, wherever cluster/ starts a Ray head."""
-    from workflows.raylib import SYSTEM_CONFIG
+    from components.runtime import SYSTEM_CONFIG
 
     ((key, value),) = SYSTEM_CONFIG.items()
     for rel in ("cluster/local.sh", "cluster/kuberay/raycluster.yaml", "cluster/launcher/aws.yaml"):

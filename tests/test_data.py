@@ -1,10 +1,10 @@
 """Data layer: readers on tiny real-format files, label policies, path safety, bad input,
 atomic/resumable shards, manifest contents, synth determinism."""
+
 from __future__ import annotations
 
 import csv
 import math
-import json
 import os
 from pathlib import Path
 
@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.data.labels import CHEXPERT, CXR_LT_2023_COUNTS, NIH, LabelPolicy, frequency_groups
-from components.data.prepare import PrepareOptions, load_manifest, prepare_dataset, sha256_file
+from components.data.manifest import Manifest
+from components.data.prepare import PrepareOptions, prepare_dataset, sha256_file
 from components.data.readers import read_source
 from components.data.synth import LABELS, SynthOptions, draw_labels, write_synthetic_cxr_lt
 from components.errors import UserError
@@ -91,8 +92,14 @@ def test_paths_escaping_the_root_are_refused(tmp_path, bad):
     "edit,match",
     [
         (lambda rows: [r[:4] + r[5:] for r in rows], r"train.csv: missing column\(s\) 'path'"),
-        (lambda rows: rows[:2] + [rows[2][:-1] + ["maybe"]] + rows[3:], r"train.csv:3, column 'Atelectasis'.*not a number"),
-        (lambda rows: rows + [rows[1]], r"train.csv:8, column 'dicom_id': duplicate id 'd0000' \(first seen at .*train.csv:2\)"),
+        (
+            lambda rows: rows[:2] + [rows[2][:-1] + ["maybe"]] + rows[3:],
+            r"train.csv:3, column 'Atelectasis'.*not a number",
+        ),
+        (
+            lambda rows: rows + [rows[1]],
+            r"train.csv:8, column 'dicom_id': duplicate id 'd0000' \(first seen at .*train.csv:2\)",
+        ),
     ],
 )
 def test_malformed_csv_fails_before_any_work(tmp_path, edit, match):
@@ -122,20 +129,20 @@ def test_bad_images_are_rejected_and_the_rest_kept(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     formats.cxr_lt_2023(src)
     t = read_source("cxr-lt-2023", src)
-    os.remove(t.path[1])                                   # missing
+    os.remove(t.path[1])  # missing
     data = Path(t.path[2]).read_bytes()
-    Path(t.path[2]).write_bytes(data[: len(data) // 3])    # truncated
-    Path(t.path[4]).write_bytes(b"not an image at all")    # undecodable
+    Path(t.path[2]).write_bytes(data[: len(data) // 3])  # truncated
+    Path(t.path[4]).write_bytes(b"not an image at all")  # undecodable
     m = prepare_dataset(opts(src), out, **QUIET)
     rejects = list(csv.DictReader(open(out / "rejects.csv")))
     assert [r["image_id"] for r in rejects] == [t.image_id[1], t.image_id[2], t.image_id[4]]
     assert rejects[0]["reason"] == "missing file" and rejects[0]["origin"].endswith("train.csv:3")
     assert rejects[1]["reason"].startswith("undecodable") and rejects[2]["reason"].startswith("undecodable")
-    assert m["num_rejects"] == 3 and m["splits"]["train"]["num_images"] == 3 and m["splits"]["val"]["num_images"] == 3
-    kept = pq.read_table([out / s["path"] for s in m["shards"]]).column("image_id").to_pylist()
+    assert m.num_rejects == 3 and m.splits["train"].num_images == 3 and m.splits["val"].num_images == 3
+    kept = pq.read_table([out / s.path for s in m.shards]).column("image_id").to_pylist()
     assert sorted(kept) == sorted(set(t.image_id) - {r["image_id"] for r in rejects})
     # --strict fails instead, and leaves no manifest behind
-    with pytest.raises(UserError, match=r"train.csv:3.*missing file.*--strict"):
+    with pytest.raises(UserError, match=r"train.csv:3.*missing file.*strict"):
         prepare_dataset(opts(src, strict=True), tmp_path / "strict", **QUIET)
     assert not (tmp_path / "strict" / "manifest.json").exists()
 
@@ -144,22 +151,24 @@ def test_manifest_contents_and_shards(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     truth = formats.cxr_lt_2023(src)
     m = prepare_dataset(opts(src), out, **QUIET)
-    assert m == load_manifest(out)
-    assert m["label_names"] == list(CXR_LT_2023_COUNTS) and m["image_size"] == 32
+    assert m == Manifest.load(out)
+    assert m.label_names == list(CXR_LT_2023_COUNTS) and m.image_size == 32
     train_ids = [k for k in truth if not k.startswith("d01")]
     want_counts = np.array([truth[k] for k in train_ids]).sum(0)
-    assert list(m["splits"]["train"]["class_counts"].values()) == want_counts.astype(int).tolist()
-    assert list(m["groups"].values()) == frequency_groups(want_counts.tolist(), len(train_ids))
-    assert sum(s["num_rows"] for s in m["shards"]) == 9 and len(m["shards"]) == 5  # 3 train + 2 val shards of <= 2
-    for s in m["shards"]:
-        f = pq.ParquetFile(out / s["path"])
-        assert f.metadata.num_rows == s["num_rows"] and sha256_file(out / s["path"]) == s["sha256"]
-        assert f.metadata.num_row_groups == s["num_rows"]  # row_group_size=1
-    assert m["options"]["image_size"] == 32 and m["source"]["format"] == "cxr-lt-2023"
+    assert m.class_counts("train") == want_counts.astype(int).tolist()
+    assert m.group_list() == frequency_groups(want_counts.tolist(), len(train_ids))
+    assert sum(s.num_rows for s in m.shards) == 9 and len(m.shards) == 5  # 3 train + 2 val shards of <= 2
+    for s in m.shards:
+        f = pq.ParquetFile(out / s.path)
+        assert f.metadata.num_rows == s.num_rows and sha256_file(out / s.path) == s.sha256
+        assert f.metadata.num_row_groups == s.num_rows  # row_group_size=1
+    assert m.options["image_size"] == 32 and m.source["format"] == "cxr-lt-2023"
     row = pq.read_table(out / "train-00000.parquet").to_pylist()[0]
     assert row["labels"] == truth[row["image_id"]] and row["mask"] == [1.0] * 26
-    from PIL import Image
     import io
+
+    from PIL import Image
+
     assert Image.open(io.BytesIO(row["image"])).size == (32, 32)
 
 
@@ -174,9 +183,9 @@ def test_interrupted_prepare_resumes_to_the_same_dataset(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     logs = []
     again = prepare_dataset(opts(src), out, log=logs.append)
-    assert any("1 already" not in l and "4 already complete" in l for l in logs)
-    assert again["dataset_sha256"] == full["dataset_sha256"]
-    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in full["shards"]]
+    assert any("1 already" not in line and "4 already complete" in line for line in logs)
+    assert again.dataset_sha256 == full.dataset_sha256
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in full.shards]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name in before} == before
     with pytest.raises(UserError, match="other options.*image_size"):
         prepare_dataset(opts(src, image_size=48), out, **QUIET)
@@ -188,14 +197,14 @@ def test_ignore_policy_mask_reaches_the_shards(tmp_path):
     m = prepare_dataset(PrepareOptions("chexpert", str(src), image_size=32, uncertain="ignore"), out, **QUIET)
     rows = pq.read_table(out / "train-00000.parquet").to_pylist()
     assert rows[0]["mask"][1] == 0.0 and rows[0]["mask"][0] == 1.0
-    assert m["splits"]["train"]["labeled_counts"]["No Finding"] < 4
+    assert m.splits["train"].labeled_counts["No Finding"] < 4
 
 
 def test_synth_labels_follow_cxr_lt_contract():
     clean, noisy = draw_labels(20000, np.random.default_rng(0), 0.02)
     nf, sd = LABELS.index("No Finding"), LABELS.index("Support Devices")
     others = np.delete(noisy, [nf, sd], axis=1).sum(1)
-    assert (others[noisy[:, nf] == 1] == 0).all()          # No Finding only with Support Devices
+    assert (others[noisy[:, nf] == 1] == 0).all()  # No Finding only with Support Devices
     assert (np.delete(clean, [nf, sd], axis=1).sum(1)[clean[:, nf] == 0] > 0).all()
     want = np.array(list(CXR_LT_2023_COUNTS.values())) / 264849
     got = clean.mean(0)
@@ -204,14 +213,20 @@ def test_synth_labels_follow_cxr_lt_contract():
 
 
 def test_synth_is_deterministic_and_patient_disjoint(tmp_path):
-    a = write_synthetic_cxr_lt(tmp_path / "a", SynthOptions(num_images=40, image_size=48, seed=3, workers=1), progress=None)
-    b = write_synthetic_cxr_lt(tmp_path / "b", SynthOptions(num_images=40, image_size=48, seed=3, workers=2), progress=None)
+    a = write_synthetic_cxr_lt(
+        tmp_path / "a", SynthOptions(num_images=40, image_size=48, seed=3, workers=1), progress=None
+    )
+    b = write_synthetic_cxr_lt(
+        tmp_path / "b", SynthOptions(num_images=40, image_size=48, seed=3, workers=2), progress=None
+    )
     assert a == b
     for f in ("train.csv", "development.csv"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     t = read_source("cxr-lt-2023", tmp_path / "a")
     imgs = sorted((tmp_path / "a").rglob("*.jpg"))
-    assert len(imgs) == 40 and all((tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes() == p.read_bytes() for p in imgs)
+    assert len(imgs) == 40 and all(
+        (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes() == p.read_bytes() for p in imgs
+    )
     train_p = {p for p, s in zip(t.patient_id, t.split) if s == "train"}
     val_p = {p for p, s in zip(t.patient_id, t.split) if s == "val"}
     assert train_p and val_p and not train_p & val_p
@@ -229,7 +244,7 @@ def test_a_cancel_during_the_decoders_imports_is_held_until_they_finish():
     with pytest.raises(KeyboardInterrupt):
         with deferred_interrupts():
             _thread.interrupt_main()
-            for i in range(200_000):  # bytecode runs on: an unguarded interrupt would land here
+            for _ in range(200_000):  # bytecode runs on: an unguarded interrupt would land here
                 pass
             steps.append("block finished")
     assert steps == ["block finished"]
@@ -258,12 +273,14 @@ def test_batched_augmentation_matches_torchvision_geometry():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8, generator=g)
     opts = AugmentOptions()
-    assert torch.equal(augment_batch(x, 64, opts, _params(3)), x)                              # identity
+    assert torch.equal(augment_batch(x, 64, opts, _params(3)), x)  # identity
     wide = AugmentOptions(crop_scale_min=0.25)  # (a crop this small is outside the default range)
     assert torch.equal(augment_batch(x, 32, wide, _params(3, w=0.5, h=0.5)), x[..., 16:48, 16:48])  # centre crop
     assert torch.equal(augment_batch(x, 64, opts, _params(3, flip=True)), torch.flip(x, dims=[-1]))
     rotated = augment_batch(x, 64, opts, _params(3, angle=math.pi / 2))
-    assert torch.equal(rotated, torch.rot90(x, 1, dims=(-2, -1))) or torch.equal(rotated, torch.rot90(x, -1, dims=(-2, -1)))
+    assert torch.equal(rotated, torch.rot90(x, 1, dims=(-2, -1))) or torch.equal(
+        rotated, torch.rot90(x, -1, dims=(-2, -1))
+    )
     # A small rotation: the same image as torchvision's bilinear rotate, within interpolation rounding.
     small = augment_batch(x, 64, opts, _params(3, angle=math.radians(5)))
     ref = torch.stack([TF.rotate(im, 5.0, interpolation=TF.InterpolationMode.BILINEAR) for im in x])
@@ -293,7 +310,9 @@ def test_augmentation_parameters_stay_in_their_ranges():
     assert p["angle"].abs().max() <= math.radians(7) + 1e-6 and p["angle"].abs().max() > math.radians(6.9)
     assert not p["flip"].any()
     assert 0.8 - 1e-6 <= p["brightness"].min() < 0.81 and 1.19 < p["brightness"].max() <= 1.2 + 1e-6
-    assert augment_params(20_000, AugmentOptions(hflip=True))["flip"].float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert augment_params(20_000, AugmentOptions(hflip=True))["flip"].float().mean().item() == pytest.approx(
+        0.5, abs=0.02
+    )
 
 
 def test_decode_transform_handles_mixed_sizes_and_keeps_labels(tmp_path):

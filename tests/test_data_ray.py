@@ -1,4 +1,5 @@
 """synth -> prepare (Ray Data) -> Ray Dataset, end to end on the shared local Ray cluster."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,21 @@ def test_synth_prepare_ingest_end_to_end(tmp_path, cli, ray_address):
     r = cli("synth", "--out", str(src), "--num-images", "120", "--image-size", "64", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert "synth: wrote" in r.stdout
-    r = cli("--format", "cxr-lt-2023", "--source", str(src), "--out", str(out), "--image-size", "48",
-            "--rows-per-shard", "32", "--address", ray_address, module="workflows.prepare")
+    r = cli(
+        "--format",
+        "cxr-lt-2023",
+        "--source",
+        str(src),
+        "--out",
+        str(out),
+        "--image-size",
+        "48",
+        "--rows-per-shard",
+        "32",
+        "--address",
+        ray_address,
+        module="workflows.prepare",
+    )
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     n_train, n_val = manifest["splits"]["train"]["num_images"], manifest["splits"]["val"]["num_images"]
@@ -23,9 +37,11 @@ def test_synth_prepare_ingest_end_to_end(tmp_path, cli, ray_address):
 
     import torch
 
-    from components.data.ingest import AugmentOptions, build_ray_dataset, normalize
+    from components.data.ingest import AugmentOptions, build_ray_dataset
+    from components.data.manifest import Manifest
+    from components.models.inputs import normalize
 
-    train = build_ray_dataset(out, "train", image_size=40, augment=AugmentOptions())
+    train = build_ray_dataset(Manifest.load(out), "train", image_size=40, augment=AugmentOptions())
     seen, labels = 0, []
     for batch in train.iter_torch_batches(batch_size=16):
         assert batch["image"].shape[1:] == (1, 40, 40) and batch["labels"].shape[1] == 26
@@ -37,7 +53,7 @@ def test_synth_prepare_ingest_end_to_end(tmp_path, cli, ray_address):
     counts = np.concatenate(labels).sum(0)
     assert counts.astype(int).tolist() == list(manifest["splits"]["train"]["class_counts"].values())
     # validation variant: deterministic (no augmentation)
-    val = build_ray_dataset(out, "val", keep_ids=True)
+    val = build_ray_dataset(Manifest.load(out), "val", keep_ids=True)
     a = val.take_batch(4)
     b = val.take_batch(4)
     assert np.array_equal(a["image"], b["image"]) and a["image"].shape[1:] == (1, 48, 48)
@@ -53,7 +69,7 @@ def test_prepare_bad_source_is_one_line_error(tmp_path, cli):
 def test_local_ray_keeps_idle_workers_between_epochs(ray_address):
     import ray._private.state
 
-    from workflows.raylib import SYSTEM_CONFIG
+    from components.runtime import SYSTEM_CONFIG
 
     config = ray._private.state.state.get_system_config()
     assert {k: config.get(k) for k in SYSTEM_CONFIG} == SYSTEM_CONFIG

@@ -1,6 +1,7 @@
 """Loss library tests: golden values from the spec's formulas (evaluated here with Python's
 math module, independently of the implementation), reductions, masks, dtypes, grad mode,
 immutability and argument validation."""
+
 from __future__ import annotations
 
 import math
@@ -95,13 +96,24 @@ def eval_elementwise(name, xs, ys, **kw):
     "name,ref,kw",
     [
         ("asl", asl_ref, {}),
-        ("asl", lambda x, y: asl_ref(x, y, gamma_neg=2, gamma_pos=1, clip=0.1), {"gamma_neg": 2, "gamma_pos": 1, "clip": 0.1}),
+        (
+            "asl",
+            lambda x, y: asl_ref(x, y, gamma_neg=2, gamma_pos=1, clip=0.1),
+            {"gamma_neg": 2, "gamma_pos": 1, "clip": 0.1},
+        ),
         ("apl", apl_ref, {}),
-        ("apl", lambda x, y: apl_ref(x, y, ep=-0.5, en=0.3, epp=0.5), {"epsilon_pos": -0.5, "epsilon_neg": 0.3, "epsilon_pos_pow": 0.5}),
+        (
+            "apl",
+            lambda x, y: apl_ref(x, y, ep=-0.5, en=0.3, epp=0.5),
+            {"epsilon_pos": -0.5, "epsilon_neg": 0.3, "epsilon_pos_pow": 0.5},
+        ),
         ("ral", ral_ref, {}),
         ("ral", lambda x, y: ral_ref(x, y, form="paper"), {"hill_form": "paper"}),
-        ("ral", lambda x, y: ral_ref(x, y, lamb=2.5, gamma_neg=2, gamma_pos=1, clip=0.0, en=-0.4),
-         {"lamb": 2.5, "gamma_neg": 2, "gamma_pos": 1, "clip": 0.0, "epsilon_neg": -0.4}),
+        (
+            "ral",
+            lambda x, y: ral_ref(x, y, lamb=2.5, gamma_neg=2, gamma_pos=1, clip=0.0, en=-0.4),
+            {"lamb": 2.5, "gamma_neg": 2, "gamma_pos": 1, "clip": 0.0, "epsilon_neg": -0.4},
+        ),
         ("hill", hill_ref, {}),
         ("focal", focal_ref, {}),
         ("focal", lambda x, y: focal_ref(x, y, gamma=1.0, alpha=-1), {"gamma": 1.0, "alpha": -1}),
@@ -383,8 +395,16 @@ def test_registry_lists_every_loss_with_spec_defaults():
     assert loss_names() == ALL
     by_name = {d["name"]: d["params"] for d in describe_losses()}
     assert by_name["ral"] == {
-        "gamma_neg": 4, "gamma_pos": 0, "clip": 0.05, "eps": 1e-8, "lamb": 1.5, "epsilon_pos": 1.0,
-        "epsilon_neg": 0.0, "epsilon_pos_pow": -2.5, "detach_focal_weight": False, "hill_form": "code",
+        "gamma_neg": 4,
+        "gamma_pos": 0,
+        "clip": 0.05,
+        "eps": 1e-8,
+        "lamb": 1.5,
+        "epsilon_pos": 1.0,
+        "epsilon_neg": 0.0,
+        "epsilon_pos_pow": -2.5,
+        "detach_focal_weight": False,
+        "hill_form": "code",
         "reduction": "sum",
     }
     assert by_name["asl"]["detach_focal_weight"] is True
@@ -406,9 +426,11 @@ def spec_autograd(x, y, gamma_neg, gamma_pos, clip, eps, ep=0.0, en=0.0, epp=0.0
         ln = ln * (lamb - p)
     loss = y * lp + (1 - y) * ln
     if gamma_pos > 0 or gamma_neg > 0:
+
         def weight():
             pt = y * p + (1 - y) * omq
             return torch.pow(1 - pt, gamma_pos * y + gamma_neg * (1 - y))
+
         if detach:
             with torch.no_grad():
                 w = weight()
@@ -420,22 +442,46 @@ def spec_autograd(x, y, gamma_neg, gamma_pos, clip, eps, ep=0.0, en=0.0, epp=0.0
 
 GRAD_CASES = [
     ("asl", {}, {}),
-    ("asl", {"gamma_pos": 1, "gamma_neg": 2, "clip": 0.0, "detach_focal_weight": False}, {"gamma_pos": 1, "gamma_neg": 2, "clip": 0.0, "detach": False}),
+    (
+        "asl",
+        {"gamma_pos": 1, "gamma_neg": 2, "clip": 0.0, "detach_focal_weight": False},
+        {"gamma_pos": 1, "gamma_neg": 2, "clip": 0.0, "detach": False},
+    ),
     ("apl", {}, {"ep": 1.0, "epp": -2.5}),
-    ("apl", {"gamma_pos": 2, "detach_focal_weight": False, "epsilon_neg": 0.5},
-     {"gamma_pos": 2, "ep": 1.0, "epp": -2.5, "en": 0.5, "detach": False}),
+    (
+        "apl",
+        {"gamma_pos": 2, "detach_focal_weight": False, "epsilon_neg": 0.5},
+        {"gamma_pos": 2, "ep": 1.0, "epp": -2.5, "en": 0.5, "detach": False},
+    ),
     ("ral", {}, {"ep": 1.0, "epp": -2.5, "hill": "code", "detach": False}),
     ("ral", {"hill_form": "paper"}, {"ep": 1.0, "epp": -2.5, "hill": "paper", "detach": False}),
-    ("ral", {"detach_focal_weight": True, "gamma_pos": 1, "clip": 0.2, "lamb": 2.0},
-     {"ep": 1.0, "epp": -2.5, "hill": "code", "detach": True, "gamma_pos": 1, "clip": 0.2, "lamb": 2.0}),
-    ("ral", {"clip": 0.0, "gamma_neg": 0, "epsilon_neg": -0.3, "epsilon_pos": -0.5, "epsilon_pos_pow": 1.0},
-     {"clip": 0.0, "gamma_neg": 0, "en": -0.3, "ep": -0.5, "epp": 1.0, "hill": "code", "detach": False}),
+    (
+        "ral",
+        {"detach_focal_weight": True, "gamma_pos": 1, "clip": 0.2, "lamb": 2.0},
+        {"ep": 1.0, "epp": -2.5, "hill": "code", "detach": True, "gamma_pos": 1, "clip": 0.2, "lamb": 2.0},
+    ),
+    (
+        "ral",
+        {"clip": 0.0, "gamma_neg": 0, "epsilon_neg": -0.3, "epsilon_pos": -0.5, "epsilon_pos_pow": 1.0},
+        {"clip": 0.0, "gamma_neg": 0, "en": -0.3, "ep": -0.5, "epp": 1.0, "hill": "code", "detach": False},
+    ),
     # gamma_neg <= 1 with a clip: the kernel must mask where the clip saturates (p <= clip)
-    ("ral", {"gamma_neg": 1, "clip": 0.1}, {"gamma_neg": 1, "clip": 0.1, "ep": 1.0, "epp": -2.5, "hill": "code", "detach": False}),
-    ("apl", {"gamma_neg": 0.0, "clip": 0.1, "epsilon_neg": 0.4}, {"gamma_neg": 0.0, "clip": 0.1, "en": 0.4, "ep": 1.0, "epp": -2.5}),
+    (
+        "ral",
+        {"gamma_neg": 1, "clip": 0.1},
+        {"gamma_neg": 1, "clip": 0.1, "ep": 1.0, "epp": -2.5, "hill": "code", "detach": False},
+    ),
+    (
+        "apl",
+        {"gamma_neg": 0.0, "clip": 0.1, "epsilon_neg": 0.4},
+        {"gamma_neg": 0.0, "clip": 0.1, "en": 0.4, "ep": 1.0, "epp": -2.5},
+    ),
     # clip below eps: the eps floor on 1 - q is live again
-    ("apl", {"gamma_neg": 1.5, "clip": 1e-9, "detach_focal_weight": False},
-     {"gamma_neg": 1.5, "clip": 1e-9, "ep": 1.0, "epp": -2.5, "detach": False}),
+    (
+        "apl",
+        {"gamma_neg": 1.5, "clip": 1e-9, "detach_focal_weight": False},
+        {"gamma_neg": 1.5, "clip": 1e-9, "ep": 1.0, "epp": -2.5, "detach": False},
+    ),
 ]
 
 

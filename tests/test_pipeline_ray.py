@@ -1,6 +1,7 @@
 """`ralflow run` end to end on the embedded default (its own local Ray, a SQLite store), then
 `ralflow predict` from models:/<name>@champion in a fresh process, from a prepared dataset and
 from a CXR-LT CSV + image root with an unreadable image."""
+
 from __future__ import annotations
 
 import csv
@@ -19,24 +20,61 @@ def read_submission(path):
 
 def test_run_then_predict_from_champion(tmp_path, cli, ray_address):
     work = tmp_path / "work"
-    r = cli("run", "--workdir", str(work), "--num-images", "240", "--synth-size", "64", "--image-size", "32",
-            "--num-samples", "2", "--max-epochs", "1", "--batch-size", "32", cwd=tmp_path, timeout=1500)
+    r = cli(
+        "run",
+        "--workdir",
+        str(work),
+        "--num-images",
+        "240",
+        "--synth-size",
+        "64",
+        "--image-size",
+        "32",
+        "--num-samples",
+        "2",
+        "--max-epochs",
+        "1",
+        "--batch-size",
+        "32",
+        cwd=tmp_path,
+        timeout=1500,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
-    for needle in ("[1/5]", "[5/5]", "ralflow run finished", "best params", "mAP by group", "ralflow-cxr v1 @champion",
-                   f"mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}"):
+    for needle in (
+        "[1/5]",
+        "[5/5]",
+        "ralflow run finished",
+        "best params",
+        "mAP by group",
+        "ralflow-cxr v1 @champion",
+        f"mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}",
+    ):
         assert needle in r.stdout, needle
     from components.data.labels import CXR_LT_2023_COUNTS
-    from components.data.prepare import load_manifest
+    from components.data.manifest import Manifest
 
     header, rows = read_submission(work / "submission.csv")
-    manifest = load_manifest(work / "data")
-    assert header == ["dicom_id", *CXR_LT_2023_COUNTS] and len(rows) == manifest["splits"]["val"]["num_images"]
+    manifest = Manifest.load(work / "data")
+    assert header == ["dicom_id", *CXR_LT_2023_COUNTS] and len(rows) == manifest.splits["val"].num_images
 
     # a fresh process loads the champion by alias and scores the prepared dataset
     uri = f"sqlite:///{work / 'mlflow.db'}"
     out = tmp_path / "again.csv"
-    r = cli("predict", "--model-uri", "models:/ralflow-cxr@champion", "--data", str(work / "data"), "--out", str(out),
-            "--tracking-uri", uri, "--address", ray_address, cwd=tmp_path, timeout=600)
+    r = cli(
+        "predict",
+        "--model-uri",
+        "models:/ralflow-cxr@champion",
+        "--data",
+        str(work / "data"),
+        "--out",
+        str(out),
+        "--tracking-uri",
+        uri,
+        "--address",
+        ray_address,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "predict: mAP" in r.stdout
     header2, rows2 = read_submission(out)
@@ -48,8 +86,21 @@ def test_run_then_predict_from_champion(tmp_path, cli, ray_address):
     dev = list(csv.DictReader(open(work / "synth" / "development.csv")))
     os.remove(work / "synth" / dev[0]["path"])
     out3 = tmp_path / "from_csv.csv"
-    r = cli("predict", "--model-uri", "models:/ralflow-cxr@champion", "--source", str(work / "synth"), "--out", str(out3),
-            "--tracking-uri", uri, "--address", ray_address, cwd=tmp_path, timeout=600)
+    r = cli(
+        "predict",
+        "--model-uri",
+        "models:/ralflow-cxr@champion",
+        "--source",
+        str(work / "synth"),
+        "--out",
+        str(out3),
+        "--tracking-uri",
+        uri,
+        "--address",
+        ray_address,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _, rows3 = read_submission(out3)
     assert len(rows3) == len(dev) - 1 and dev[0]["dicom_id"] not in {x[0] for x in rows3}
@@ -59,6 +110,18 @@ def test_run_then_predict_from_champion(tmp_path, cli, ray_address):
 
 
 def test_predict_unknown_alias_is_one_line_error(tmp_path, cli):
-    r = cli("predict", "--model-uri", "models:/nope@champion", "--data", str(tmp_path), "--out", str(tmp_path / "x.csv"),
-            "--tracking-uri", f"sqlite:///{tmp_path}/m.db", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("ralflow predict: error: --model-uri models:/nope@champion")
+    r = cli(
+        "predict",
+        "--model-uri",
+        "models:/nope@champion",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "x.csv"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/m.db",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "ralflow predict: error: --model-uri models:/nope@champion"
+    )

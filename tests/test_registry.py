@@ -1,15 +1,22 @@
 """Promotion gate: first version champion, worse candidate challenger, --force records its
 reason, a candidate validated on another dataset is refused, lineage tags on every version."""
+
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 import pytest
 
 from components import tracking
 from components.errors import UserError
-from components.registry import promote
+from components.promote import PromoteOptions
+from components.promote import promote as promote_options
 
 LABELS = [f"c{i}" for i in range(3)]
+
+
+def promote(uri, model_name, **kwargs):
+    return promote_options(PromoteOptions(model_name, tracking_uri=uri, **kwargs))
 
 
 @pytest.fixture
@@ -22,15 +29,28 @@ def store(tmp_path):
     def make_run(val_map: float, sha: str = "a" * 64, loss: str = "ral") -> str:
         from components.models import build_model
 
-        run = c.create_run(exp, tags={"ralflow.dataset_sha256": sha, "ralflow.loss": loss, "ralflow.model": "test_resnet",
-                                      "ralflow.git_commit": "abc123", tracking.RUN_KEY_TAG: f"r{len(state)}"})
+        run = c.create_run(
+            exp,
+            tags={
+                "ralflow.dataset_sha256": sha,
+                "ralflow.loss": loss,
+                "ralflow.model": "test_resnet",
+                "ralflow.git_commit": "abc123",
+                tracking.RUN_KEY_TAG: f"r{len(state)}",
+            },
+        )
         rid = run.info.run_id
         c.log_param(rid, "loss.params.lamb", "2.0")
-        for k, v in {"best_val_mAP": val_map, "best_val_mAP_head": 0.9, "best_val_mAP_medium": 0.5, "best_val_mAP_tail": 0.1}.items():
+        for k, v in {
+            "best_val_mAP": val_map,
+            "best_val_mAP_head": 0.9,
+            "best_val_mAP_medium": 0.5,
+            "best_val_mAP_tail": 0.1,
+        }.items():
             c.log_metric(rid, k, v)
         if "weights" not in state:
             state["weights"] = build_model("test_resnet", len(LABELS), 1).state_dict()
-        tracking.log_model(rid, uri, state["weights"], "test_resnet", 1, 16, LABELS)
+        tracking.TrackedRun(uri, rid).log_model(state["weights"], "test_resnet", 1, 16, LABELS)
         c.set_terminated(rid, "FINISHED")
         state[rid] = val_map
         return rid
@@ -51,12 +71,12 @@ def test_promotion_gate_cases(store):
     assert int(c.get_model_version_by_alias("cxr", "champion").version) == 1
 
     better = make_run(0.41)
-    out = promote(uri, "cxr", run_id=better, margin=0.02)   # better, but not by the margin
+    out = promote(uri, "cxr", run_id=better, margin=0.02)  # better, but not by the margin
     assert out["alias"] == "challenger"
     out = promote(uri, "cxr", run_id=better, margin=0.005)
     assert (out["version"], out["alias"]) == (4, "champion")
 
-    with pytest.raises(UserError, match="--force needs --reason"):
+    with pytest.raises(UserError, match="force needs a reason"):
         promote(uri, "cxr", run_id=worse, force=True)
     out = promote(uri, "cxr", run_id=worse, force=True, reason="rollback: v4 fails on portable films")
     v = c.get_model_version("cxr", str(out["version"]))
@@ -72,14 +92,19 @@ def test_promotion_gate_cases(store):
     assert tags["loss_params"] == '{"lamb": "2.0"}' and tags["val_mAP"] == "0.400000" and tags["git_commit"] == "abc123"
     assert tags["val_mAP_tail"] == "0.100000" and tags["promotion.decision"] == "champion"
 
-    # the champion loads by alias in this process, as predict does in a fresh one
+    # the champion loads by alias in this process, as predict does in a fresh one, and takes raw
+    # uint8 pixels of any size (it resizes and normalises them itself)
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/cxr@champion")
-    assert model.predict(__import__("numpy").zeros((2, 1, 16, 16), "float32")).shape == (2, 3)
+    assert model.predict(np.zeros((2, 1, 16, 16), "uint8")).shape == (2, 3)
+    assert model.predict(np.zeros((2, 1, 40, 24), "uint8")).shape == (2, 3)
 
 
 def test_promote_cli_errors_are_one_line(cli, tmp_path):
     r = cli("promote", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--model-name", "x", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip() == "ralflow promote: error: no MLflow experiment 'ralflow' at this tracking URI"
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == "ralflow promote: error: no MLflow experiment 'ralflow' at this tracking URI"
+    )
     r = cli("promote", "--tracking-uri", "http://127.0.0.1:9", "--model-name", "x", cwd=tmp_path)
     assert r.returncode == 2 and "cannot reach the MLflow tracking server" in r.stderr

@@ -1,5 +1,6 @@
 """Ray Train end to end on the shared local cluster: local mode in-process, and a 2-worker run
 whose worker is killed mid-training and recovers into the same MLflow run."""
+
 from __future__ import annotations
 
 import json
@@ -12,23 +13,27 @@ import pytest
 pytestmark = pytest.mark.ray
 
 
-def prevalence_baseline(manifest: dict) -> float:
+def prevalence_baseline(manifest) -> float:
     """mAP of a model that predicts each class's prevalence (AP of a constant = prevalence)."""
-    val = manifest["splits"]["val"]
-    prev = [c / val["num_images"] for c in val["class_counts"].values() if c > 0]
+    val = manifest.splits["val"]
+    prev = [c / val.num_images for c in val.class_counts.values() if c > 0]
     return float(np.mean(prev))
 
 
 def test_local_mode_train_loop(tiny_dataset, tmp_path, ray_address):
     from components.config import load_config
-    from workflows.training import run_training
+    from components.train import run_training
 
-    cfg = load_config(None, {
-        "data": {"path": str(tiny_dataset), "image_size": 32},
-        "model": {"name": "resnet10t"}, "loss": {"name": "ral"},
-        "train": {"epochs": 1, "batch_size": 32, "num_workers": 0},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "storage_path": str(tmp_path / "runs")},
-    })
+    cfg = load_config(
+        None,
+        {
+            "data": {"path": str(tiny_dataset), "image_size": 32},
+            "model": {"name": "resnet10t"},
+            "loss": {"name": "ral"},
+            "train": {"epochs": 1, "batch_size": 32, "num_workers": 0},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "storage_path": str(tmp_path / "runs")},
+        },
+    )
     out = run_training(cfg, log=lambda *_: None)
     c = mlflow.MlflowClient(cfg.tracking.tracking_uri)
     run = c.get_run(out["run_id"])
@@ -39,23 +44,51 @@ def test_local_mode_train_loop(tiny_dataset, tmp_path, ray_address):
     again = run_training(cfg, log=lambda *_: None)
     assert again["run_id"] == out["run_id"] and again["best_val_mAP"] == out["best_val_mAP"]
     assert [m.step for m in c.get_metric_history(out["run_id"], "val_mAP")] == [0]
-    from components import tracking
-    assert tracking.restarts(c, out["run_id"]) == [0]
+    from components.tracking import TrackedRun
+
+    assert TrackedRun(cfg.tracking.tracking_uri, out["run_id"]).restarts() == [0]
 
 
 def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset, tmp_path, cli, ray_address):
-    import torch
-
-    from components.data.ingest import build_ray_dataset, normalize
-    from components.data.prepare import load_manifest
+    from components.data.ingest import build_ray_dataset
+    from components.data.manifest import Manifest
     from components.metrics import multilabel_metrics
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     storage = tmp_path / "runs"
-    r = cli("train", "--data", str(tiny_dataset), "--model", "resnet10t", "--loss", "ral", "--epochs", "4",
-            "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "0.5", "--lr", "0.003", "--image-size", "40",
-            "--tracking-uri", uri, "--storage-path", str(storage), "--run-name", "drill", "--fail-at-epoch", "1",
-            "--address", ray_address, cwd=tmp_path, timeout=900)
+    r = cli(
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--model",
+        "resnet10t",
+        "--loss",
+        "ral",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "2",
+        "--cpus-per-worker",
+        "0.5",
+        "--lr",
+        "0.003",
+        "--image-size",
+        "40",
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(storage),
+        "--run-name",
+        "drill",
+        "--fail-at-epoch",
+        "1",
+        "--address",
+        ray_address,
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run_id = re.search(r"run id: (\w+)", r.stdout).group(1)
     assert (storage / "drill" / ".fault-drill-done").read_text().startswith("worker 1 exited at epoch 1")
@@ -66,35 +99,43 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
         assert out.count(f"[train] epoch {epoch}/4 loss") <= 1, out[-4000:]
 
     c = mlflow.MlflowClient(uri)
-    from components import tracking
-    assert tracking.restarts(c, run_id) == [0]
+    from components.tracking import TrackedRun
+
+    assert TrackedRun(uri, run_id).restarts() == [0]
     runs = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])
-    assert [x.info.run_id for x in runs] == [run_id]                       # one run, never a second
+    assert [x.info.run_id for x in runs] == [run_id]  # one run, never a second
     assert sorted(m.step for m in c.get_metric_history(run_id, "val_mAP")) == [0, 1, 2, 3]  # no duplicated epoch
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
-    manifest = load_manifest(tiny_dataset)
-    assert manifest["splits"]["val"]["num_images"] % 2 == 1  # odd: an equal 2-way split would drop one
-    assert [m.value for m in c.get_metric_history(run_id, "val_images")] == [manifest["splits"]["val"]["num_images"]] * 4
+    manifest = Manifest.load(tiny_dataset)
+    n_val = manifest.splits["val"].num_images
+    assert n_val % 2 == 1  # odd: an equal 2-way split would drop one
+    assert [m.value for m in c.get_metric_history(run_id, "val_images")] == [n_val] * 4
     best = run.data.metrics["best_val_mAP"]
     assert best > prevalence_baseline(manifest) + 0.05, (best, prevalence_baseline(manifest))
     # checkpoints kept in storage: the best two (keep_checkpoints) and the latest, none that Ray
     # left unregistered
     best_two = sorted(c.get_metric_history(run_id, "val_mAP"), key=lambda m: -m.value)[:2]
-    assert {p.name for p in (storage / "drill").glob("epoch-*")} == {f"epoch-{m.step:04d}" for m in best_two} | {"epoch-0003"}
+    assert {p.name for p in (storage / "drill").glob("epoch-*")} == {f"epoch-{m.step:04d}" for m in best_two} | {
+        "epoch-0003"
+    }
 
     # The logged model, loaded here (a process that did not train), reproduces the logged metric
     # computed from 2 workers' gathered predictions: the metric does not depend on worker count.
+    # It takes raw uint8 pixels: resizing and normalising are its own job.
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    assert model.metadata.metadata["label_names"] == manifest["label_names"]
+    assert model.metadata.metadata["label_names"] == manifest.label_names
     probs, targets = [], []
-    for batch in build_ray_dataset(tiny_dataset, "val", 40, None).iter_batches(batch_size=64):
-        probs.append(model.predict(normalize(torch.as_tensor(batch["image"])).numpy()))
+    for batch in build_ray_dataset(manifest, "val", 40, None).iter_batches(batch_size=64):
+        probs.append(model.predict(batch["image"]))
         targets.append(batch["labels"])
     probs, targets = np.concatenate(probs), np.concatenate(targets)
-    assert probs.shape == (manifest["splits"]["val"]["num_images"], 26) and ((probs >= 0) & (probs <= 1)).all()
+    assert probs.shape == (n_val, 26) and ((probs >= 0) & (probs <= 1)).all()
     assert multilabel_metrics(probs, targets)["mAP"] == pytest.approx(best, abs=1e-5)
     arts = {a.path for a in c.list_artifacts(run_id, "evaluation")}
     assert arts == {"evaluation/per_class_ap.csv", "evaluation/per_class_ap.png"}
-    assert json.loads(open(c.download_artifacts(run_id, "dataset/manifest.json", str(tmp_path))).read())["dataset_sha256"] == manifest["dataset_sha256"]
+    assert (
+        json.loads(open(c.download_artifacts(run_id, "dataset/manifest.json", str(tmp_path))).read())["dataset_sha256"]
+        == manifest.dataset_sha256
+    )

@@ -1,4 +1,5 @@
 """Training pieces that need no Ray: config layering, LR schedule, loss statistics, metrics."""
+
 from __future__ import annotations
 
 import math
@@ -7,24 +8,52 @@ import numpy as np
 import pytest
 
 from components.config import load_config
+from components.data.manifest import Manifest, SplitStats
 from components.errors import UserError
-from components.metrics import multilabel_metrics
-from workflows.train import overrides_from_args
-from workflows.training import amp_dtype, epoch_metrics, gather_to_all, loss_params_for, lr_factor
+from components.metrics import multilabel_metrics, validation_metrics
+from components.train.build import amp_dtype, loss_params_for, lr_factor
+from components.train.loop import gather_to_all
+
+
+def overrides_from_args(*argv):
+    """What the train command's flags set, as load_config takes it."""
+    import argparse
+
+    from components.flags import add_config_flags, config_overrides
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    return config_overrides(parser.parse_args(list(argv)))
+
+
+def tiny_manifest(counts: dict, num_images: int = 100, groups: dict | None = None) -> Manifest:
+    names = list(counts)
+    return Manifest(
+        dataset_sha256="0" * 64,
+        label_names=names,
+        groups=groups or dict.fromkeys(names, "head"),
+        image_size=32,
+        splits={"train": SplitStats(num_images, num_images, counts, dict.fromkeys(names, num_images))},
+        shards=[],
+        source={},
+        options={},
+        created_unix=0,
+    )
 
 
 def test_yaml_then_flags_override_typed_defaults(tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text("model: {name: resnet10t}\nloss: {name: asl, params: {gamma_neg: 2}}\ntrain: {epochs: 7, batch_size: 8}\n")
-    import argparse
-    args = argparse.Namespace(loss_param=["clip=0.1"], epochs=3, data=str(tmp_path), batch_size=None)
-    cfg = load_config(str(y), overrides_from_args(args))
-    assert cfg.model.name == "resnet10t" and cfg.train.batch_size == 8   # from YAML
-    assert cfg.train.epochs == 3                                          # flag beats YAML
-    assert cfg.loss.params == {"gamma_neg": 2, "clip": 0.1}               # merged
-    assert cfg.train.num_workers == 2                                     # typed default
+    y.write_text(
+        "model: {name: resnet10t}\nloss: {name: asl, params: {gamma_neg: 2}}\ntrain: {epochs: 7, batch_size: 8}\n"
+    )
+    flags = ("--loss-param", "clip=0.1", "--epochs", "3", "--data", str(tmp_path))
+    cfg = load_config(str(y), overrides_from_args(*flags))
+    assert cfg.model.name == "resnet10t" and cfg.train.batch_size == 8  # from YAML
+    assert cfg.train.epochs == 3  # flag beats YAML
+    assert cfg.loss.params == {"gamma_neg": 2, "clip": 0.1}  # merged
+    assert cfg.train.num_workers == 2  # typed default
     assert cfg.tracking.tracking_uri.startswith("sqlite:///") and cfg.tracking.tracking_uri.endswith("mlflow.db")
-    assert cfg.tracking.run_name == load_config(str(y), overrides_from_args(args)).tracking.run_name  # stable
+    assert cfg.tracking.run_name == load_config(str(y), overrides_from_args(*flags)).tracking.run_name  # stable
 
 
 def test_run_name_changes_with_what_defines_the_run(tmp_path):
@@ -34,12 +63,17 @@ def test_run_name_changes_with_what_defines_the_run(tmp_path):
     assert a.tracking.run_name != b.tracking.run_name and a.tracking.run_name == c.tracking.run_name
 
 
-@pytest.mark.parametrize("text,match", [
-    ("modle: {name: x}\n", "unknown section 'modle'"),
-    ("train: {epoch: 3}\n", r"unknown key 'train.epoch'.*epochs"),
-    ("train: [1, 2]\n", "must be a mapping"),
-    ("train: {amp: fp8}\n", "train.amp='fp8'"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("modle: {name: x}\n", "unknown section 'modle'"),
+        ("train: {epoch: 3}\n", r"unknown key 'train.epoch'.*epochs"),
+        ("train: [1, 2]\n", "must be a mapping"),
+        ("train: {amp: fp8}\n", "train.amp='fp8'"),
+        ("optim: {lr: abc}\n", "optim.lr='abc' is not a number"),
+        ("train: {epochs: 2.5}\n", "train.epochs=2.5 is not an integer"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, text, match):
     y = tmp_path / "c.yaml"
     y.write_text(text)
@@ -50,13 +84,14 @@ def test_bad_config_names_the_key(tmp_path, text, match):
 def test_lr_schedule_warmup_then_cosine():
     f = [lr_factor(s, 10, 5, 1.0, 0.01) for s in range(0, 51)]
     assert f[0] < 0.01 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))     # monotone decay after warmup
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay after warmup
     assert f[50] == pytest.approx(0.01)
 
 
 def test_loss_statistics_come_from_the_manifest():
     from components.config import Config
-    manifest = {"label_names": ["a", "b"], "splits": {"train": {"num_images": 100, "class_counts": {"a": 40, "b": 2}}}}
+
+    manifest = tiny_manifest({"a": 40, "b": 2})
     cfg = Config()
     cfg.loss.name = "db"
     assert loss_params_for(cfg, manifest) == {"class_counts": [40, 2], "num_samples": 100}
@@ -66,6 +101,7 @@ def test_loss_statistics_come_from_the_manifest():
 
 def test_amp_policy():
     import torch
+
     assert amp_dtype("auto", "cpu") is None and amp_dtype("off", "cuda") is None
     assert amp_dtype("fp16", "cuda") is torch.float16 and amp_dtype("bf16", "cpu") is torch.bfloat16
 
@@ -74,12 +110,15 @@ def test_metrics_do_not_depend_on_how_predictions_are_split():
     rng = np.random.default_rng(0)
     y = (rng.random((90, 5)) < 0.3).astype(np.float32)
     p = np.clip(y * 0.3 + rng.random((90, 5)) * 0.7, 0, 1)
-    manifest = {"label_names": list("abcde"), "groups": dict(zip("abcde", ["head", "head", "medium", "tail", "tail"]))}
-    whole = epoch_metrics(p, y, np.ones_like(y), manifest)
+    groups = ["head", "head", "medium", "tail", "tail"]
+    whole = validation_metrics(p, y, np.ones_like(y), groups)
     perm = rng.permutation(90)
     parts = [perm[:37], perm[37:]]  # e.g. two workers' shards, any order
-    cat = lambda a: np.concatenate([a[i] for i in parts])
-    split = epoch_metrics(cat(p), cat(y), np.ones_like(y), manifest)
+
+    def cat(a):
+        return np.concatenate([a[i] for i in parts])
+
+    split = validation_metrics(cat(p), cat(y), np.ones_like(y), groups)
     assert split == whole
     assert gather_to_all(p)[0] is p  # not distributed: identity
     # the prevalence baseline is what a useless model scores
@@ -90,16 +129,30 @@ def test_metrics_do_not_depend_on_how_predictions_are_split():
 
 def test_per_class_chart_and_table(tmp_path):
     from components.tracking import per_class_chart, per_class_table
+
     names, ap, counts, groups = ["A", "B, b"], [0.5, math.nan], [100, 0], ["head", "tail"]
     per_class_chart(names, ap, counts, groups, tmp_path / "c.png", "t")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert per_class_table(names, ap, counts, groups) == 'label,group,train_count,ap\n"A",head,100,0.500000\n"B, b",tail,0,\n'
+    assert (
+        per_class_table(names, ap, counts, groups)
+        == 'label,group,train_count,ap\n"A",head,100,0.500000\n"B, b",tail,0,\n'
+    )
 
 
 def test_unreachable_tracking_server_fails_fast(cli, tiny_dataset, tmp_path):
     import time
+
     t0 = time.monotonic()
-    r = cli("train", "--data", str(tiny_dataset), "--tracking-uri", "http://127.0.0.1:9", "--storage-path", str(tmp_path), cwd=tmp_path)
+    r = cli(
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--tracking-uri",
+        "http://127.0.0.1:9",
+        "--storage-path",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     assert "cannot reach the MLflow tracking server at http://127.0.0.1:9" in r.stderr
     assert "Traceback" not in r.stderr and time.monotonic() - t0 < 60
@@ -116,7 +169,7 @@ def test_resume_picks_the_newest_complete_checkpoint_of_this_run(tmp_path):
     from it, never from another run's folder or a half-written file."""
     import torch
 
-    from workflows.training import CHECKPOINT_FILE, newest_checkpoint_state
+    from components.train.checkpoints import CHECKPOINT_FILE, newest_checkpoint_state
 
     def write(epoch: int, run_id: str, corrupt: bool = False):
         d = tmp_path / f"epoch-{epoch:04d}"
@@ -125,13 +178,14 @@ def test_resume_picks_the_newest_complete_checkpoint_of_this_run(tmp_path):
         if corrupt:
             (d / CHECKPOINT_FILE).write_bytes((d / CHECKPOINT_FILE).read_bytes()[:40])
 
-    assert newest_checkpoint_state(str(tmp_path), "a", None, "cpu") is None      # fresh start
+    assert newest_checkpoint_state(str(tmp_path), "a", None, "cpu") is None  # fresh start
     write(0, "a"), write(1, "a"), write(2, "b"), write(3, "a", corrupt=True)
     (tmp_path / "epoch-notes").mkdir()
     assert newest_checkpoint_state(str(tmp_path), "a", None, "cpu")["epoch"] == 1
     assert newest_checkpoint_state(str(tmp_path), None, None, "cpu")["epoch"] == 2
     assert newest_checkpoint_state(str(tmp_path / "missing"), "a", None, "cpu") is None
     import ray.train
+
     registered = ray.train.Checkpoint.from_directory(str(tmp_path / "epoch-0000"))  # Ray's, when storage has none
     assert newest_checkpoint_state(str(tmp_path / "missing"), "a", registered, "cpu")["epoch"] == 0
 
@@ -145,7 +199,7 @@ def test_a_tune_trial_applies_the_embedded_ray_data_setting_before_building_its_
     import ray.tune
     from ray.data import DataContext
 
-    import workflows.tuning as tuning
+    import components.tune.sweep as sweep
 
     ctx = DataContext.get_current()
     monkeypatch.setattr(ctx, "op_resource_reservation_enabled", True)
@@ -154,15 +208,17 @@ def test_a_tune_trial_applies_the_embedded_ray_data_setting_before_building_its_
     class Stop(Exception):
         pass
 
-    def prepare_run(cfg, say, extra_tags):  # the step before the trial builds its trainer and datasets
+    def open_run(cfg, manifest, say, extra_tags):  # the step before the trial builds its trainer and datasets
         seen["reservation"] = DataContext.get_current().op_resource_reservation_enabled
         seen["run_name"] = cfg.tracking.run_name
+        seen["lamb"] = cfg.loss.params["lamb"]
         raise Stop
 
-    monkeypatch.setattr(tuning, "prepare_run", prepare_run)
+    monkeypatch.setattr(sweep, "open_run", open_run)
     monkeypatch.setattr(ray.tune, "get_context", lambda: types.SimpleNamespace(get_trial_id=lambda: "t0001"))
-    base = load_config().to_dict()
-    trial = tuning.make_trial_fn(base, {}, "parent", "sweep-x", "/tmp/unused", local_data=local_data)
+    base = load_config()
+    trial = sweep.make_trial_fn(base, None, "parent", "sweep-x", "/tmp/unused", local_data=local_data)
     with pytest.raises(Stop):
         trial({"loss.lamb": 2.0})
-    assert seen == {"reservation": not local_data, "run_name": "sweep-x-t0001"}
+    assert seen == {"reservation": not local_data, "run_name": "sweep-x-t0001", "lamb": 2.0}
+    assert base.loss.params == {}  # each trial samples into its own copy of the sweep's config

@@ -1,12 +1,24 @@
-"""``ralflow``: the one command users learn. Each subcommand is a workflow module that is also
-runnable as ``python -m workflows.<name>`` with the same flags."""
+"""``ralflow``: the one command users learn, and what every workflow driver shares (argument
+parsing, error reporting, exit codes).
+
+Each subcommand is a driver module in ``workflows/`` that is also runnable as
+``python -m workflows.<name>`` with the same flags (the Ray Jobs entrypoint). A driver defines
+``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> int`` (parse -> one library call ->
+print), keeps heavy imports (torch, ray, mlflow) inside ``run`` so ``--help`` stays fast, and ends
+with ``if __name__ == "__main__": sys.exit(main_for(__name__))``. Drivers import nothing from
+``workflows`` but this module; this module loads them by name.
+"""
+
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
-from workflows.common import execute
+from components.errors import UserError
+from components.flags import flags_by_dest
 
 # subcommand -> module (order = order in --help)
 COMMANDS = {
@@ -23,7 +35,67 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(module, prog: str, parser=None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog=prog, description=module.DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    module.add_arguments(parser)
+    parser.set_defaults(_flags=flags_by_dest(parser))
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep stderr for what the user must read: MLflow's store set-up chatter and its advice on
+    pyfunc type hints are not that."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*python_model.*CloudPickle.*")
+
+
+def execute(module, args: argparse.Namespace, prog: str) -> int:
+    """Run a workflow; user mistakes become a one-line message on stderr and exit code 2."""
+    quiet_libraries()
+    try:
+        return int(module.run(args) or 0)
+    except (UserError, FileNotFoundError, PermissionError, ValueError) as exc:  # ValueError: bad values
+        print(f"{prog}: error: {one_line(exc, getattr(args, '_flags', {}))}", file=sys.stderr)
+        if os.environ.get("RALFLOW_DEBUG"):
+            traceback.print_exc()
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(exc: BaseException, flags: dict[str, str]) -> str:
+    """The error's first line, speaking of the flag where the library named the setting: a message
+    that starts with the setting's name starts with its flag instead; otherwise the flag follows."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    field = getattr(exc, "field", None)
+    flag = flags.get(field) if field else None
+    if flag is None:
+        return msg
+    if msg.startswith(field):
+        return flag + msg[len(field) :]
+    return f"{msg} (flag {flag})"
+
+
+def main_for(module_name: str, argv: list[str] | None = None) -> int:
+    if module_name == "__main__":  # run as `python -m workflows.X`: use its real name
+        module = sys.modules["__main__"]
+        module_name = module.__spec__.name if module.__spec__ else module_name
+    else:
+        module = importlib.import_module(module_name)
+    prog = f"python -m {module_name}"
+    args = build_parser(module, prog).parse_args(argv)
+    return execute(module, args, prog)
+
+
+def build_cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ralflow",
         description="Train multi-label long-tailed chest X-ray classifiers on Ray with the "
@@ -33,16 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(
-            name, help=module.DESCRIPTION.splitlines()[0], description=module.DESCRIPTION,
+            name,
+            help=module.DESCRIPTION.splitlines()[0],
+            description=module.DESCRIPTION,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
-        module.add_arguments(p)
+        build_parser(module, f"ralflow {name}", p)
         p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_cli_parser().parse_args(argv)
     return execute(args._module, args, f"ralflow {args.command}")
 
 

@@ -1,10 +1,11 @@
 """List the registered losses with their parameters and defaults."""
+
 from __future__ import annotations
 
 import json
 import sys
 
-from workflows.common import main_for
+from workflows.cli import main_for
 
 DESCRIPTION = "List the registered losses with their parameters and defaults."
 

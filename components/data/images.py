@@ -1,4 +1,5 @@
 """Image decode / resize / encode for preparation, and decode for training."""
+
 from __future__ import annotations
 
 import io

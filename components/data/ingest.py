@@ -5,6 +5,7 @@ cluster), never in the training loop: workers only see ready float tensors via
 ``iter_torch_batches``. Chest X-rays are not mirror-symmetric (heart on the left), so
 horizontal flip is off by default.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,31 +14,19 @@ import math
 import signal
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .prepare import load_manifest
-
-# Grayscale normalisation (8-bit films scaled to [0, 1], then centred).
-MEAN, STD = 0.5, 0.25
+from .manifest import Manifest
 
 
 @dataclass(frozen=True)
 class AugmentOptions:
-    crop_scale_min: float = 0.75      # RandomResizedCrop area range [min, 1]
+    crop_scale_min: float = 0.75  # RandomResizedCrop area range [min, 1]
     rotation_degrees: float = 7.0
     hflip: bool = False
     brightness: float = 0.2
     contrast: float = 0.2
-
-
-def normalize(images):
-    """uint8 images (from the pipeline) -> normalised float32, on whatever device they are.
-
-    Batches travel through Ray's object store as uint8 (4x less data than float32) and are
-    normalised where they are consumed, on the GPU in a GPU run."""
-    return images.float().sub_(MEAN * 255.0).div_(STD * 255.0)
 
 
 @contextlib.contextmanager
@@ -68,8 +57,8 @@ class DecodeTransform:
 
     Augmentation is vectorised over small chunks of images (one affine warp per chunk, each image
     with its own random parameters): fewer, larger calls save per-call overhead, but a chunk whose
-    float working set outgrows the CPU caches costs more per image than it saves (64 images of
-    256 px: 0.93 ms/image; 4-6 images: 0.57-0.58 ms; 512 px: 2.90 ms at 64, 1.82-1.85 ms at 2-3)."""
+    float working set outgrows the CPU caches costs more per image than it saves (bench/ingest.py
+    times the chunk sizes)."""
 
     CACHE_BYTES = 5 << 20  # float working set of one warp (input, sampling grid, output)
 
@@ -96,7 +85,9 @@ class DecodeTransform:
                 side = max(max(im.shape[-2:]) for im in chunk)
                 chunk = [resize_batch(im[None], side)[0] for im in chunk]
             x = torch.stack(chunk)
-            out[i : i + len(chunk)] = augment_batch(x, self.image_size, self.augment) if self.augment else resize_batch(x, self.image_size)
+            out[i : i + len(chunk)] = (
+                augment_batch(x, self.image_size, self.augment) if self.augment else resize_batch(x, self.image_size)
+            )
         result = {"image": out.numpy(), "labels": _stack(batch["labels"]), "mask": _stack(batch["mask"])}
         if self.keep_ids:
             result["image_id"] = np.asarray(batch["image_id"])
@@ -135,10 +126,15 @@ def augment_params(n: int, opts: AugmentOptions, generator=None) -> dict:
 
     area = uniform(opts.crop_scale_min, 1.0)
     ratio = torch.exp(uniform(math.log(0.9), math.log(1.1)))
-    w, h = torch.sqrt(area * ratio).clamp(max=1.0), torch.sqrt(area / ratio).clamp(max=1.0)  # crop half-extents in [-1, 1]
+    w, h = (
+        torch.sqrt(area * ratio).clamp(max=1.0),
+        torch.sqrt(area / ratio).clamp(max=1.0),
+    )  # crop half-extents in [-1, 1]
     return {
-        "w": w, "h": h,
-        "cx": (1 - w) * uniform(-1.0, 1.0), "cy": (1 - h) * uniform(-1.0, 1.0),
+        "w": w,
+        "h": h,
+        "cx": (1 - w) * uniform(-1.0, 1.0),
+        "cy": (1 - h) * uniform(-1.0, 1.0),
         "angle": torch.deg2rad(uniform(-opts.rotation_degrees, opts.rotation_degrees)),
         "flip": (torch.rand(n, generator=generator) < 0.5) if opts.hflip else torch.zeros(n, dtype=torch.bool),
         "brightness": uniform(1 - opts.brightness, 1 + opts.brightness),
@@ -161,11 +157,11 @@ def augment_batch(x, size: int, opts: AugmentOptions, params: dict | None = None
     if img.shape[-1] > 1.25 * pre:  # a large downscale: antialias first, as a resize would
         img = F.interpolate(img, size=(pre, pre), mode="bilinear", antialias=True, align_corners=False)
     # Output coords (normalised, [-1, 1]) -> input coords: rotate, then map into the crop box.
-    # (F.affine_grid computes the same grid through a batched matmul, ~4x slower on CPU.)
+    # (F.affine_grid computes the same grid through a batched matmul, which is slower on CPU.)
     cos, sin = torch.cos(p["angle"]).view(n, 1, 1), torch.sin(p["angle"]).view(n, 1, 1)
     sign = torch.where(p["flip"], -1.0, 1.0).view(n, 1, 1)
     w, h = p["w"].view(n, 1, 1), p["h"].view(n, 1, 1)
-    u = ((torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1)  # pixel centres, align_corners=False
+    u = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres, align_corners=False
     xs, ys = u.view(1, 1, size), u.view(1, size, 1)
     grid = torch.empty(n, size, size, 2)
     torch.add(w * cos * sign * xs, -w * sin * ys, out=grid[..., 0]).add_(p["cx"].view(n, 1, 1))
@@ -192,16 +188,6 @@ def _stack(column) -> np.ndarray:
     if arr.dtype == object:
         arr = np.stack([np.asarray(v, dtype=np.float32) for v in column])
     return arr.astype(np.float32, copy=False)
-
-
-def shard_paths(data_dir: str | Path, split: str) -> list[str]:
-    manifest = load_manifest(data_dir)
-    paths = [str(Path(data_dir) / s["path"]) for s in manifest["shards"] if s["split"] == split and s["num_rows"] > 0]
-    if not paths:
-        from ..errors import UserError
-
-        raise UserError(f"{data_dir}: the prepared dataset has no '{split}' images")
-    return paths
 
 
 def row_groups(paths: list[str]) -> list[dict]:
@@ -233,7 +219,7 @@ def read_row_group(batch, columns: list[str]):
 
 
 def build_ray_dataset(
-    data_dir: str | Path,
+    manifest: Manifest,
     split: str,
     image_size: int | None = None,
     augment: AugmentOptions | None = None,
@@ -245,26 +231,31 @@ def build_ray_dataset(
 
     One Ray Data task per Parquet row group reads and decodes it, in one call for the whole row
     group (the read and the decode map are fused, and Ray sizes a fused task by the decode's
-    batch size: a fixed one put every row group of a small split in one task). Consumers
-    batch with ``iter_torch_batches(batch_size=...)``. Ray 2.60's ``read_parquet`` hands small shard sets to a single task, which
-    serialises decoding on one CPU; row-group tasks spread it over every CPU in the cluster
-    (measured in bench/ingest.py). Stateless tasks, unlike an actor pool, hold no CPU between
-    batches, so training workers always get theirs. Training (``shuffle``, default: when
-    augmenting) visits the row groups in a new random order every epoch.
+    batch size: a fixed one put every row group of a small split in one task). Consumers batch
+    with ``iter_torch_batches(batch_size=...)``. ``read_parquet`` hands small shard sets to a
+    single task, which serialises decoding on one CPU; row-group tasks spread it over every CPU in
+    the cluster. Stateless tasks, unlike an actor pool, hold no CPU between batches, so training
+    workers always get theirs. Training (``shuffle``, default: when augmenting) visits the row
+    groups in a new random order every epoch.
     """
     import ray.data
 
-    size = image_size or load_manifest(data_dir)["image_size"]
+    size = image_size or manifest.image_size
     columns = ["image", "labels", "mask"] + (["image_id"] if keep_ids else [])
-    items = row_groups(shard_paths(data_dir, split))
+    items = row_groups(manifest.shard_paths(split))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     if augment is not None if shuffle is None else shuffle:
         # Each row group is its own block: reordering blocks reshuffles row groups every epoch
         # without the CPU-hungry all-to-all tasks of random_shuffle (which can starve on a
         # cluster whose CPUs the training workers hold).
         ds = ds.randomize_block_order()
-    ds = ds.map_batches(read_row_group, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
+    ds = ds.map_batches(
+        read_row_group, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus
+    )
     return ds.map_batches(
-        decode_batch, fn_kwargs={"image_size": size, "augment": augment, "keep_ids": keep_ids},
-        batch_size=None, batch_format="numpy", num_cpus=num_cpus,  # None: the whole row group
+        decode_batch,
+        fn_kwargs={"image_size": size, "augment": augment, "keep_ids": keep_ids},
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=num_cpus,  # None: the whole row group
     )

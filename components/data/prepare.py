@@ -6,76 +6,87 @@ re-run after an interruption skips finished shards and produces the same bytes. 
 images are skipped and listed in ``rejects.csv`` (or fail the run with ``strict``).
 ``manifest.json`` is written last: its presence means the dataset is complete.
 """
+
 from __future__ import annotations
 
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import setting
 from ..errors import UserError
 from .images import RESIZE_MODES, encode_jpeg, load_resized
 from .labels import UNCERTAIN_POLICIES, LabelPolicy, frequency_groups
+from .manifest import MANIFEST, Manifest, ShardInfo, SplitStats
 from .readers import FORMATS, SourceTable, read_source
 
-MANIFEST = "manifest.json"
 STATE = ".prepare-options.json"
 REJECTS = "rejects.csv"
-MANIFEST_VERSION = 1
 
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    format: str
-    source: str
-    image_size: int = 512
-    resize: str = "pad"
-    jpeg_quality: int = 90
-    rows_per_shard: int = 1024
-    row_group_size: int = 256
-    uncertain: str = "zeros"
-    blank: str = "zeros"
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    head_threshold: float = 0.10
-    tail_threshold: float = 0.01
-    strict: bool = False
+    format: str = setting(choices=FORMATS, help="source dataset format")
+    source: str = setting(help="dataset root holding its CSV files and images")
+    image_size: int = setting(512, help="stored image side in pixels")
+    resize: str = setting("pad", choices=RESIZE_MODES, help="keep aspect: pad to square, or center-crop")
+    jpeg_quality: int = setting(90, help="JPEG quality of the stored images")
+    rows_per_shard: int = setting(1024, help="images per Parquet shard")
+    row_group_size: int = setting(256, help="images per Parquet row group (one Ray Data task)")
+    uncertain: str = setting("zeros", choices=UNCERTAIN_POLICIES, help="CheXpert -1 policy")
+    blank: str = setting("zeros", choices=UNCERTAIN_POLICIES, help="CheXpert blank policy")
+    val_fraction: float = setting(0.1, help="patient-level validation split where the format has none")
+    split_seed: int = setting(0, help="seed of that split")
+    head_threshold: float = setting(0.10, help="head class: >= this training frequency")
+    tail_threshold: float = setting(0.01, help="tail class: < this training frequency")
+    strict: bool = setting(False, help="fail on the first unreadable image instead of rejecting it")
 
     def validate(self) -> None:
         checks = [
-            (self.format in FORMATS, "--format", f"one of {', '.join(FORMATS)}"),
-            (32 <= self.image_size <= 4096, "--image-size", "32..4096"),
-            (self.resize in RESIZE_MODES, "--resize", " | ".join(RESIZE_MODES)),
-            (1 <= self.jpeg_quality <= 100, "--jpeg-quality", "1..100"),
-            (self.rows_per_shard >= 1, "--rows-per-shard", ">= 1"),
-            (self.row_group_size >= 1, "--row-group-size", ">= 1"),
-            (self.uncertain in UNCERTAIN_POLICIES, "--uncertain", " | ".join(UNCERTAIN_POLICIES)),
-            (self.blank in UNCERTAIN_POLICIES, "--blank", " | ".join(UNCERTAIN_POLICIES)),
-            (0 <= self.val_fraction < 1, "--val-fraction", "0 <= f < 1"),
-            (0 < self.tail_threshold <= self.head_threshold < 1, "--head-threshold/--tail-threshold", "0 < tail <= head < 1"),
+            (self.format in FORMATS, "format", f"one of {', '.join(FORMATS)}"),
+            (32 <= self.image_size <= 4096, "image_size", "32..4096"),
+            (self.resize in RESIZE_MODES, "resize", " | ".join(RESIZE_MODES)),
+            (1 <= self.jpeg_quality <= 100, "jpeg_quality", "1..100"),
+            (self.rows_per_shard >= 1, "rows_per_shard", ">= 1"),
+            (self.row_group_size >= 1, "row_group_size", ">= 1"),
+            (self.uncertain in UNCERTAIN_POLICIES, "uncertain", " | ".join(UNCERTAIN_POLICIES)),
+            (self.blank in UNCERTAIN_POLICIES, "blank", " | ".join(UNCERTAIN_POLICIES)),
+            (0 <= self.val_fraction < 1, "val_fraction", "0 <= f < 1"),
+            (
+                0 < self.tail_threshold <= self.head_threshold < 1,
+                "tail_threshold",
+                "0 < tail_threshold <= head_threshold < 1",
+            ),
         ]
-        for ok, flag, allowed in checks:
+        for ok, name, allowed in checks:
             if not ok:
-                raise UserError(f"{flag}={getattr(self, flag.lstrip('-').split('/')[0].replace('-', '_'))!r} is invalid; allowed: {allowed}")
+                raise UserError(f"{name}={getattr(self, name)!r} is invalid; allowed: {allowed}", field=name)
 
 
 def shard_schema(num_classes: int) -> pa.Schema:
-    return pa.schema([
-        ("image_id", pa.string()), ("patient_id", pa.string()), ("study_id", pa.string()),
-        ("view", pa.string()), ("split", pa.string()), ("source_path", pa.string()),
-        ("image", pa.binary()),
-        ("labels", pa.list_(pa.float32(), num_classes)), ("mask", pa.list_(pa.float32(), num_classes)),
-    ])
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("patient_id", pa.string()),
+            ("study_id", pa.string()),
+            ("view", pa.string()),
+            ("split", pa.string()),
+            ("source_path", pa.string()),
+            ("image", pa.binary()),
+            ("labels", pa.list_(pa.float32(), num_classes)),
+            ("mask", pa.list_(pa.float32(), num_classes)),
+        ]
+    )
 
 
 def plan_shards(table: SourceTable, rows_per_shard: int) -> list[dict]:
@@ -85,14 +96,26 @@ def plan_shards(table: SourceTable, rows_per_shard: int) -> list[dict]:
         idx = [i for i, s in enumerate(table.split) if s == split]
         for k, start in enumerate(range(0, len(idx), rows_per_shard)):
             rows = idx[start : start + rows_per_shard]
-            plan.append({
-                "name": f"{split}-{k:05d}.parquet", "split": split,
-                "rows": [{
-                    "image_id": table.image_id[i], "patient_id": table.patient_id[i], "study_id": table.study_id[i],
-                    "view": table.view[i], "path": table.path[i], "source_path": table.rel_path[i],
-                    "origin": table.origin[i], "labels": table.labels[i], "mask": table.mask[i],
-                } for i in rows],
-            })
+            plan.append(
+                {
+                    "name": f"{split}-{k:05d}.parquet",
+                    "split": split,
+                    "rows": [
+                        {
+                            "image_id": table.image_id[i],
+                            "patient_id": table.patient_id[i],
+                            "study_id": table.study_id[i],
+                            "view": table.view[i],
+                            "path": table.path[i],
+                            "source_path": table.rel_path[i],
+                            "origin": table.origin[i],
+                            "labels": table.labels[i],
+                            "mask": table.mask[i],
+                        }
+                        for i in rows
+                    ],
+                }
+            )
     return plan
 
 
@@ -111,19 +134,33 @@ def write_shard(shard: dict, out: str, opts: PrepareOptions, num_classes: int) -
     rejects_file = out_dir / f".{shard['name']}.rejects.json"
     if final.exists() and rejects_file.exists():  # both renamed into place => complete
         rejects = json.loads(rejects_file.read_text())
-        return {"name": shard["name"], "split": shard["split"], "skipped": True,
-                "rows": pq.ParquetFile(final).metadata.num_rows, "rejects": rejects}
+        return {
+            "name": shard["name"],
+            "split": shard["split"],
+            "skipped": True,
+            "rows": pq.ParquetFile(final).metadata.num_rows,
+            "rejects": rejects,
+        }
     cols = {k: [] for k in shard_schema(num_classes).names}
     rejects = []
     for row in shard["rows"]:
         try:
             data = encode_jpeg(load_resized(row["path"], opts.image_size, opts.resize), opts.jpeg_quality)
         except FileNotFoundError:
-            rejects.append({"origin": row["origin"], "image_id": row["image_id"], "path": row["source_path"], "reason": "missing file"})
+            rejects.append(
+                {
+                    "origin": row["origin"],
+                    "image_id": row["image_id"],
+                    "path": row["source_path"],
+                    "reason": "missing file",
+                }
+            )
             continue
         except (OSError, ValueError, SyntaxError) as exc:  # truncated / undecodable
             reason = f"undecodable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-            rejects.append({"origin": row["origin"], "image_id": row["image_id"], "path": row["source_path"], "reason": reason})
+            rejects.append(
+                {"origin": row["origin"], "image_id": row["image_id"], "path": row["source_path"], "reason": reason}
+            )
             continue
         for k in ("image_id", "patient_id", "study_id", "view", "source_path", "labels", "mask"):
             cols[k].append(row[k])
@@ -152,12 +189,15 @@ def _check_resume_state(out: Path, opts: PrepareOptions) -> None:
         previous = json.loads(state.read_text())
         if json.dumps(previous, sort_keys=True) != wanted:
             diff = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
-            raise UserError(f"{out} holds a dataset prepared with other options {diff} (old, new); use a new --out")
+            raise UserError(
+                f"out {out} holds a dataset prepared with other options {diff} (old, new); use another folder",
+                field="out",
+            )
     else:
         _atomic_write_text(state, wanted)
 
 
-def build_manifest(table: SourceTable, opts: PrepareOptions, results: list[dict], out: Path) -> dict:
+def build_manifest(table: SourceTable, opts: PrepareOptions, results: list[dict], out: Path) -> Manifest:
     names = list(table.label_names)
     rejected = {r["image_id"] for res in results for r in res["rejects"]}
     labels = table.label_matrix()
@@ -167,39 +207,39 @@ def build_manifest(table: SourceTable, opts: PrepareOptions, results: list[dict]
     for split in ("train", "val", "test"):
         sel = kept & (np.array(table.split) == split)
         if sel.any():
-            splits[split] = {
-                "num_images": int(sel.sum()),
-                "num_patients": len({p for p, s in zip(table.patient_id, sel) if s}),
-                "class_counts": dict(zip(names, (labels[sel] * mask[sel]).sum(0).astype(int).tolist())),
-                "labeled_counts": dict(zip(names, mask[sel].sum(0).astype(int).tolist())),
-            }
+            splits[split] = SplitStats(
+                num_images=int(sel.sum()),
+                num_patients=len({p for p, s in zip(table.patient_id, sel) if s}),
+                class_counts=dict(zip(names, (labels[sel] * mask[sel]).sum(0).astype(int).tolist())),
+                labeled_counts=dict(zip(names, mask[sel].sum(0).astype(int).tolist())),
+            )
     if "train" not in splits:
         raise UserError(f"{opts.source}: no usable training images (all rejected or no train split)")
     train = splits["train"]
-    groups = frequency_groups([train["class_counts"][n] for n in names], train["num_images"],
-                              opts.head_threshold, opts.tail_threshold)
-    shards = []
-    for res in sorted(results, key=lambda r: r["name"]):
-        path = out / res["name"]
-        shards.append({"path": res["name"], "split": res["split"], "num_rows": res["rows"], "sha256": sha256_file(path)})
-    dataset_sha = hashlib.sha256(json.dumps([names, [s["sha256"] for s in shards]]).encode()).hexdigest()
-    return {
-        "manifest_version": MANIFEST_VERSION,
-        "dataset_sha256": dataset_sha,
-        "label_names": names,
-        "groups": dict(zip(names, groups)),
-        "image_size": opts.image_size,
-        "channels": 1,
-        "splits": splits,
-        "shards": shards,
-        "num_rejects": len(rejected),
-        "source": {"format": opts.format, "root": str(Path(opts.source).resolve())},
-        "options": dataclasses.asdict(opts),
-        "created_unix": int(time.time()),
-    }
+    groups = frequency_groups(
+        [train.class_counts[n] for n in names], train.num_images, opts.head_threshold, opts.tail_threshold
+    )
+    shards = [
+        ShardInfo(path=res["name"], split=res["split"], num_rows=res["rows"], sha256=sha256_file(out / res["name"]))
+        for res in sorted(results, key=lambda r: r["name"])
+    ]
+    dataset_sha = hashlib.sha256(json.dumps([names, [s.sha256 for s in shards]]).encode()).hexdigest()
+    return Manifest(
+        dataset_sha256=dataset_sha,
+        label_names=names,
+        groups=dict(zip(names, groups)),
+        image_size=opts.image_size,
+        splits=splits,
+        shards=shards,
+        num_rejects=len(rejected),
+        source={"format": opts.format, "root": str(Path(opts.source).resolve())},
+        options=dataclasses.asdict(opts),
+        created_unix=int(time.time()),
+        root=str(out),
+    )
 
 
-def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable | None = None, log=print) -> dict:
+def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable | None = None, log=print) -> Manifest:
     """Read the source, write the shards (``map_shards(fn, shards)`` runs them in parallel;
     default: in this process), then ``rejects.csv`` and ``manifest.json``. Returns the manifest."""
     opts.validate()
@@ -222,8 +262,10 @@ def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable 
     rejects = [r for res in sorted(results, key=lambda r: r["name"]) for r in res["rejects"]]
     if rejects and opts.strict:
         r = rejects[0]
-        raise UserError(f"{r['origin']}: image {r['path']!r}: {r['reason']} "
-                        f"(--strict: {len(rejects)} unreadable image(s); no manifest written)")
+        raise UserError(
+            f"{r['origin']}: image {r['path']!r}: {r['reason']} "
+            f"(strict: {len(rejects)} unreadable image(s); no manifest written)"
+        )
     if rejects:
         tmp = out / f".{REJECTS}.tmp"
         with open(tmp, "w", newline="") as f:
@@ -234,21 +276,11 @@ def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable 
     else:
         (out / REJECTS).unlink(missing_ok=True)
     manifest = build_manifest(table, opts, results, out)
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    manifest.write(out)
     written = sum(not r["skipped"] for r in results)
-    log(f"prepare: wrote {written} shard(s), skipped {len(results) - written} complete; "
-        f"{sum(s['num_images'] for s in manifest['splits'].values())} images kept, {len(rejects)} rejected"
-        + (f" (see {out / REJECTS})" if rejects else ""))
+    log(
+        f"prepare: wrote {written} shard(s), skipped {len(results) - written} complete; "
+        f"{sum(s.num_images for s in manifest.splits.values())} images kept, {len(rejects)} rejected"
+        + (f" (see {out / REJECTS})" if rejects else "")
+    )
     return manifest
-
-
-def load_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{data_dir}: no {MANIFEST} (not a prepared dataset, or preparation did not finish; run `ralflow prepare`)")
-    return json.loads(path.read_text())
-
-
-def manifest_sha256(data_dir: str | Path) -> str:
-    """Identity of a prepared dataset's content (labels + shard checksums)."""
-    return load_manifest(data_dir)["dataset_sha256"]

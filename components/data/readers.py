@@ -5,6 +5,7 @@ patient, study, view, absolute image path, split, labels and mask in the label c
 CSV problems (missing column, non-numeric label, duplicate id, a path escaping the root) raise
 :class:`UserError` naming the file, row (1-based line number) and column, before any image work.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,10 +30,10 @@ class SourceTable:
     patient_id: list[str] = field(default_factory=list)
     study_id: list[str] = field(default_factory=list)
     view: list[str] = field(default_factory=list)
-    path: list[str] = field(default_factory=list)       # absolute, inside the root
-    rel_path: list[str] = field(default_factory=list)   # as written in the source
+    path: list[str] = field(default_factory=list)  # absolute, inside the root
+    rel_path: list[str] = field(default_factory=list)  # as written in the source
     split: list[str] = field(default_factory=list)
-    origin: list[str] = field(default_factory=list)     # "file:line" for error reports
+    origin: list[str] = field(default_factory=list)  # "file:line" for error reports
     labels: list[list[float]] = field(default_factory=list)
     mask: list[list[float]] = field(default_factory=list)
 
@@ -56,6 +57,7 @@ class SourceTable:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
 
 def resolve_under(root: Path, rel: str, where: str) -> str:
     """Absolute path of ``rel`` under ``root``; a path that escapes the root is refused."""
@@ -121,12 +123,27 @@ def patient_split(patient: str, val_fraction: float, seed: int) -> str:
 
 # -- formats ---------------------------------------------------------------------------------
 
-CXR_LT_META = ("dicom_id", "subject_id", "study_id", "ViewPosition", "path", "fpath",
-               "ViewCodeSequence_CodeMeaning", "split")
+CXR_LT_META = (
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "ViewPosition",
+    "path",
+    "fpath",
+    "ViewCodeSequence_CodeMeaning",
+    "split",
+)
 
 
-def _read_cxr_lt(root: Path, files: list[tuple[str, str]], path_col: str, names, policy, labeled=True,
-                 table: SourceTable | None = None) -> SourceTable:
+def _read_cxr_lt(
+    root: Path,
+    files: list[tuple[str, str]],
+    path_col: str,
+    names,
+    policy,
+    labeled=True,
+    table: SourceTable | None = None,
+) -> SourceTable:
     for filename, split in files:
         path = root / filename
         if not path.is_file():
@@ -139,10 +156,18 @@ def _read_cxr_lt(root: Path, files: list[tuple[str, str]], path_col: str, names,
                 labels, mask = convert_labels(row, names, policy, where)
             else:  # test split: labels withheld -> everything masked
                 labels, mask = [0.0] * len(names), [0.0] * len(names)
-            table.add(image_id=row["dicom_id"].strip(), patient_id=row["subject_id"].strip(),
-                      study_id=row["study_id"].strip(), view=row.get("ViewPosition", "").strip(),
-                      path=resolve_under(root, row[path_col], f"{where}, column {path_col!r}"),
-                      rel_path=row[path_col].strip(), split=split, origin=where, labels=labels, mask=mask)
+            table.add(
+                image_id=row["dicom_id"].strip(),
+                patient_id=row["subject_id"].strip(),
+                study_id=row["study_id"].strip(),
+                view=row.get("ViewPosition", "").strip(),
+                path=resolve_under(root, row[path_col], f"{where}, column {path_col!r}"),
+                rel_path=row[path_col].strip(),
+                split=split,
+                origin=where,
+                labels=labels,
+                mask=mask,
+            )
     return table
 
 
@@ -166,8 +191,14 @@ def read_cxr_lt_2024(root: Path, policy: LabelPolicy, **_) -> SourceTable:
     present = [h for h in header if h and h not in CXR_LT_META]
     names = tuple([n for n in CXR_LT_2024 if n in present] + [n for n in present if n not in CXR_LT_2024])
     table = SourceTable(names)
-    _read_cxr_lt(root, [("train_labeled.csv", "train"), ("development_labeled_task1.csv", "val")], "fpath",
-                 names, policy, table=table)
+    _read_cxr_lt(
+        root,
+        [("train_labeled.csv", "train"), ("development_labeled_task1.csv", "val")],
+        "fpath",
+        names,
+        policy,
+        table=table,
+    )
     check_unique_ids(table, "dicom_id")
     return table
 
@@ -187,15 +218,26 @@ def read_nih(root: Path, policy: LabelPolicy, val_fraction: float = 0.1, split_s
         findings = [f.strip() for f in row["Finding Labels"].split("|") if f.strip()]
         unknown = [f for f in findings if f not in known]
         if unknown or not findings:
-            raise UserError(f"{where}, column 'Finding Labels': unknown finding(s) {unknown or findings!r}; "
-                            f"expected {' | '.join(sorted(known))}")
+            raise UserError(
+                f"{where}, column 'Finding Labels': unknown finding(s) {unknown or findings!r}; "
+                f"expected {' | '.join(sorted(known))}"
+            )
         labels = [1.0 if n in findings else 0.0 for n in names]
         patient = row["Patient ID"].strip()
         split = "test" if image in test_names else patient_split(patient, val_fraction, split_seed)
         rel = index.get(image, image)
-        table.add(image_id=image, patient_id=patient, study_id=row.get("Follow-up #", "").strip(),
-                  view=row.get("View Position", "").strip(), path=resolve_under(root, rel, f"{where}, column 'Image Index'"),
-                  rel_path=rel, split=split, origin=where, labels=labels, mask=[1.0] * len(names))
+        table.add(
+            image_id=image,
+            patient_id=patient,
+            study_id=row.get("Follow-up #", "").strip(),
+            view=row.get("View Position", "").strip(),
+            path=resolve_under(root, rel, f"{where}, column 'Image Index'"),
+            rel_path=rel,
+            split=split,
+            origin=where,
+            labels=labels,
+            mask=[1.0] * len(names),
+        )
     check_unique_ids(table, "Image Index")
     return table
 
@@ -214,7 +256,10 @@ def read_chexpert(root: Path, policy: LabelPolicy, **_) -> SourceTable:
     names = label_set("chexpert")
     folder = next((root / d for d in ("CheXpert-v1.0-small", "CheXpert-v1.0") if (root / d).is_dir()), None)
     if folder is None:
-        raise UserError(f"{root}: no CheXpert-v1.0-small/ or CheXpert-v1.0/ folder (--source is the folder that contains it)")
+        raise UserError(
+            f"{root}: no CheXpert-v1.0-small/ or CheXpert-v1.0/ folder (source is the folder that contains it)",
+            field="source",
+        )
     table = SourceTable(names)
     for filename, split in (("train.csv", "train"), ("valid.csv", "val")):
         path = folder / filename
@@ -231,9 +276,18 @@ def read_chexpert(root: Path, policy: LabelPolicy, **_) -> SourceTable:
             patient = next((p for p in parts if p.startswith("patient")), "")
             study = next((p for p in parts if p.startswith("study")), "")
             view = row.get("AP/PA", "").strip() or row.get("Frontal/Lateral", "").strip()
-            table.add(image_id=rel, patient_id=patient, study_id=f"{patient}/{study}", view=view,
-                      path=resolve_under(root, rel, f"{where}, column 'Path'"), rel_path=rel, split=split,
-                      origin=where, labels=labels, mask=mask)
+            table.add(
+                image_id=rel,
+                patient_id=patient,
+                study_id=f"{patient}/{study}",
+                view=view,
+                path=resolve_under(root, rel, f"{where}, column 'Path'"),
+                rel_path=rel,
+                split=split,
+                origin=where,
+                labels=labels,
+                mask=mask,
+            )
     check_unique_ids(table, "Path")
     return table
 
@@ -246,7 +300,7 @@ def read_source(fmt: str, source: str | Path, policy: LabelPolicy | None = None,
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     root = Path(source).expanduser().resolve()
     if not root.is_dir():
-        raise UserError(f"--source {source}: not a directory")
+        raise UserError(f"source {source}: not a directory", field="source")
     table = READERS[fmt](root, policy or LabelPolicy(), **options)
     if not table.image_id:
         raise UserError(f"{root}: no rows found for format {fmt}")

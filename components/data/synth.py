@@ -7,6 +7,7 @@ noise, varying exposure). Each of the 26 findings adds a localized visual signat
 training frequencies with realistic co-occurrence ("No Finding" only with "Support Devices").
 Everything is a deterministic function of the seed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..config import setting
+from ..errors import UserError
 from .labels import CXR_LT_2023_COUNTS, CXR_LT_2023_NUM_TRAIN
 
 LABELS = tuple(CXR_LT_2023_COUNTS)
@@ -38,13 +41,13 @@ CO_OCCURRENCE_GROUPS = (
 
 @dataclass(frozen=True)
 class SynthOptions:
-    num_images: int = 2000
-    image_size: int = 256
-    seed: int = 0
-    label_noise: float = 0.02
-    val_fraction: float = 0.2
-    jpeg_quality: int = 90
-    workers: int = 0  # 0 = os.cpu_count()
+    num_images: int = setting(2000, help="images to write")
+    image_size: int = setting(256, help="image side in pixels")
+    seed: int = setting(0, help="random seed (the dataset is deterministic given it)")
+    label_noise: float = setting(0.02, help="rate of missed (and spurious) labels in the CSV")
+    val_fraction: float = setting(0.2, help="patients in development.csv")
+    jpeg_quality: int = setting(90, help="JPEG quality")
+    workers: int = setting(0, help="processes (0 = all CPUs)")
 
 
 def draw_labels(n: int, rng: np.random.Generator, label_noise: float) -> tuple[np.ndarray, np.ndarray]:
@@ -103,14 +106,14 @@ class ChestRenderer:
     def render(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         xx, yy = self.xx, self.yy
         jx, jy = rng.normal(0, 0.015, 2)
-        body = np.exp(-(((xx - 0.5 - jx) / 0.42) ** 2 + ((yy - 0.55 - jy) / 0.55) ** 2) ** 3)
+        body = np.exp(-((((xx - 0.5 - jx) / 0.42) ** 2 + ((yy - 0.55 - jy) / 0.55) ** 2) ** 3))
         img = 0.15 + 0.55 * body
         heart_w = 0.11 * (1.5 if labels[LABELS.index("Cardiomegaly")] else 1.0)
         for side in (0.32, 0.68):  # lung fields (dark)
-            lung = np.exp(-(((xx - side - jx) / 0.13) ** 2 + ((yy - 0.5 - jy) / 0.27) ** 2) ** 2)
+            lung = np.exp(-((((xx - side - jx) / 0.13) ** 2 + ((yy - 0.5 - jy) / 0.27) ** 2) ** 2))
             img -= 0.35 * lung
         img += 0.25 * np.exp(-(((xx - 0.5 - jx) / 0.05) ** 2))  # spine / mediastinum
-        img += 0.2 * np.exp(-(((xx - 0.53 - jx) / heart_w) ** 2 + ((yy - 0.68 - jy) / 0.12) ** 2) ** 2)  # heart
+        img += 0.2 * np.exp(-((((xx - 0.53 - jx) / heart_w) ** 2 + ((yy - 0.68 - jy) / 0.12) ** 2) ** 2))  # heart
         for c in np.flatnonzero(labels):
             if c in (NO_FINDING, LABELS.index("Cardiomegaly")):
                 continue
@@ -151,9 +154,9 @@ def _render_chunk(args) -> None:
 def write_synthetic_cxr_lt(out: str | Path, opts: SynthOptions, progress=print) -> dict:
     """Write ``train.csv``, ``development.csv`` and JPEGs under ``out``; return a summary."""
     if opts.num_images < 10:
-        raise ValueError(f"--num-images must be >= 10, got {opts.num_images}")
+        raise UserError(f"num_images must be >= 10, got {opts.num_images}", field="num_images")
     if not 32 <= opts.image_size <= 2048:
-        raise ValueError(f"--image-size must be in [32, 2048], got {opts.image_size}")
+        raise UserError(f"image_size must be in [32, 2048], got {opts.image_size}", field="image_size")
     if not 0 <= opts.label_noise < 0.5:
         raise ValueError(f"label noise must be in [0, 0.5), got {opts.label_noise}")
     out = Path(out)
@@ -207,6 +210,9 @@ def write_synthetic_cxr_lt(out: str | Path, opts: SynthOptions, progress=print) 
             w.writerows(split_rows)
         os.replace(tmp, out / f"{split}.csv")
     prevalence = noisy.mean(0)
-    return {"train": len(rows["train"]), "development": len(rows["development"]),
-            "labels_per_image": float(noisy.sum(1).mean()),
-            "prevalence": dict(zip(LABELS, prevalence.round(4).tolist()))}
+    return {
+        "train": len(rows["train"]),
+        "development": len(rows["development"]),
+        "labels_per_image": float(noisy.sum(1).mean()),
+        "prevalence": dict(zip(LABELS, prevalence.round(4).tolist())),
+    }

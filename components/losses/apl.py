@@ -1,4 +1,5 @@
 """Asymmetric polynomial loss (Huang et al., ICASSP 2023)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,9 @@ from .registry import register_loss
 class AsymmetricPolynomialBase(MultiLabelLoss):
     """Parameters shared by APL and RAL (both computed by the fused asymmetric kernel)."""
 
-    def __init__(self, gamma_neg, gamma_pos, clip, eps, epsilon_pos, epsilon_neg, epsilon_pos_pow,
-                 detach_focal_weight, reduction) -> None:
+    def __init__(
+        self, gamma_neg, gamma_pos, clip, eps, epsilon_pos, epsilon_neg, epsilon_pos_pow, detach_focal_weight, reduction
+    ) -> None:
         super().__init__(reduction)
         check_asymmetric_params(self.name, gamma_neg, gamma_pos, clip, eps)
         self.gamma_neg, self.gamma_pos = float(gamma_neg), float(gamma_pos)
@@ -24,8 +26,15 @@ class AsymmetricPolynomialBase(MultiLabelLoss):
 
     def asymmetric_config(self, **hill) -> AsymmetricConfig:
         return AsymmetricConfig(
-            self.gamma_neg, self.gamma_pos, self.clip, self.eps, self.epsilon_pos, self.epsilon_pos_pow,
-            self.epsilon_neg, detach_focal_weight=self.detach_focal_weight, **hill,
+            self.gamma_neg,
+            self.gamma_pos,
+            self.clip,
+            self.eps,
+            self.epsilon_pos,
+            self.epsilon_pos_pow,
+            self.epsilon_neg,
+            detach_focal_weight=self.detach_focal_weight,
+            **hill,
         )
 
     def elementwise(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -50,6 +59,7 @@ class AsymmetricPolynomialLoss(AsymmetricPolynomialBase):
         detach_focal_weight: bool = True,
         reduction: str = "sum",
     ) -> None:
-        super().__init__(gamma_neg, gamma_pos, clip, eps, epsilon_pos, epsilon_neg, epsilon_pos_pow,
-                         detach_focal_weight, reduction)
+        super().__init__(
+            gamma_neg, gamma_pos, clip, eps, epsilon_pos, epsilon_neg, epsilon_pos_pow, detach_focal_weight, reduction
+        )
         self.config = self.asymmetric_config()

@@ -1,4 +1,5 @@
 """Asymmetric loss (Ridnik et al., ICCV 2021)."""
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ class AsymmetricLoss(MultiLabelLoss):
         self.gamma_neg, self.gamma_pos = float(gamma_neg), float(gamma_pos)
         self.clip, self.eps = float(clip), float(eps)
         self.detach_focal_weight = bool(detach_focal_weight)
-        self.config = AsymmetricConfig(self.gamma_neg, self.gamma_pos, self.clip, self.eps,
-                                       detach_focal_weight=self.detach_focal_weight)
+        self.config = AsymmetricConfig(
+            self.gamma_neg, self.gamma_pos, self.clip, self.eps, detach_focal_weight=self.detach_focal_weight
+        )
 
     def elementwise(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return asymmetric_elementwise(x, y, self.config)

@@ -5,6 +5,7 @@ Each concrete loss implements :meth:`MultiLabelLoss.elementwise`, which receives
 logits and targets of shape (N, C) and returns the (N, C) element-wise loss. Everything
 else (dtype handling, mask, reduction, error messages) lives here, in one place.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -59,9 +60,7 @@ class MultiLabelLoss(nn.Module):
         raise NotImplementedError
 
     # -- public API -----------------------------------------------------------------------
-    def forward(
-        self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x, y, m = self._check_inputs(logits, targets, mask)
         # Computed in float32 whatever the caller's dtype or autocast state: fp16 turns the
         # reference eps=1e-8 into 0 and log(0) into -inf (NaN gradients) below x ~ -17.
@@ -100,12 +99,16 @@ class MultiLabelLoss(nn.Module):
         y = targets.to(device=x.device, dtype=x.dtype)
         # One host sync; NaN targets fail the test too.
         if bool((~((y >= 0) & (y <= 1))).any()):
-            raise ValueError(f"loss '{self.name}': targets must lie in [0, 1] (got min {y.min().item()}, max {y.max().item()})")
+            raise ValueError(
+                f"loss '{self.name}': targets must lie in [0, 1] (got min {y.min().item()}, max {y.max().item()})"
+            )
         m = None
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.shape != logits.shape:
                 got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise ValueError(f"loss '{self.name}': mask must have the logits' shape {tuple(logits.shape)}; got {got}")
+                raise ValueError(
+                    f"loss '{self.name}': mask must have the logits' shape {tuple(logits.shape)}; got {got}"
+                )
             m = mask.to(device=x.device) != 0
         return x, y, m
 
@@ -128,6 +131,7 @@ def reduce_loss(loss: torch.Tensor, mask: torch.Tensor | None, reduction: str) -
 
 # -- parameter checks shared by several losses -----------------------------------------------
 
+
 def check_asymmetric_params(loss: str, gamma_neg, gamma_pos, clip, eps) -> None:
     """Ranges shared by the ASL family (asl, apl, ral)."""
     for name, v in (("gamma_neg", gamma_neg), ("gamma_pos", gamma_pos)):
@@ -143,8 +147,13 @@ def as_count_buffer(loss: str, name: str, values, length: int | None = None) -> 
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"loss '{loss}': parameter {name} must be a list of numbers, one per class") from None
     ok = t.numel() > 0 and bool(torch.isfinite(t).all()) and bool((t >= 0).all())
-    check_param(loss, name, values if t.numel() <= 8 else f"<{t.numel()} values>", ok,
-                "a non-empty list of finite numbers >= 0, one per class")
+    check_param(
+        loss,
+        name,
+        values if t.numel() <= 8 else f"<{t.numel()} values>",
+        ok,
+        "a non-empty list of finite numbers >= 0, one per class",
+    )
     if length is not None:
         check_param(loss, name, f"<{t.numel()} values>", t.numel() == length, f"{length} values")
     return t.float()
@@ -152,6 +161,4 @@ def as_count_buffer(loss: str, name: str, values, length: int | None = None) -> 
 
 def check_num_classes(loss: str, buffer: torch.Tensor, x: torch.Tensor, what: str) -> None:
     if buffer.numel() != x.shape[1]:
-        raise ValueError(
-            f"loss '{loss}': {what} has {buffer.numel()} classes but the logits have {x.shape[1]}"
-        )
+        raise ValueError(f"loss '{loss}': {what} has {buffer.numel()} classes but the logits have {x.shape[1]}")

@@ -1,4 +1,5 @@
 """Binary cross-entropy with logits (the baseline every other loss is compared to)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Class-balanced BCE (Cui et al., CVPR 2019): weights from the effective number of samples."""
+
 from __future__ import annotations
 
 import torch

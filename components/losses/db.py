@@ -1,7 +1,7 @@
 """Distribution-balanced loss (Wu et al., ECCV 2020): re-balancing weights, negative-tolerant
 regularisation and a focal term."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,13 @@ class DistributionBalancedLoss(MultiLabelLoss):
         ok = isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 2
         check_param(n, "num_samples", num_samples, ok, "an integer >= 2 (training images)")
         counts = as_count_buffer(n, "class_counts", class_counts)
-        check_param(n, "class_counts", f"max {counts.max().item():g}", bool((counts <= num_samples).all()),
-                    f"every count <= num_samples ({num_samples})")
+        check_param(
+            n,
+            "class_counts",
+            f"max {counts.max().item():g}",
+            bool((counts <= num_samples).all()),
+            f"every count <= num_samples ({num_samples})",
+        )
         self.alpha = check_finite_number(n, "alpha", alpha)
         check_param(n, "alpha", alpha, self.alpha >= 0, ">= 0")
         self.beta = check_finite_number(n, "beta", beta)
@@ -71,5 +76,3 @@ class DistributionBalancedLoss(MultiLabelLoss):
         ce = F.binary_cross_entropy_with_logits(z, y, reduction="none")
         pt = torch.exp(-ce)
         return self.balance_param * power(1 - pt, self.gamma) * w * ce
-
-

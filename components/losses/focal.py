@@ -1,4 +1,5 @@
 """Sigmoid focal loss (Lin et al., ICCV 2017), multi-label form."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Hill loss (Zhang et al. 2021, "Simple and robust loss design for multi-label learning
 with missing labels")."""
+
 from __future__ import annotations
 
 import torch

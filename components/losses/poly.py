@@ -1,4 +1,5 @@
 """Poly-1 loss (Leng et al., ICLR 2022), sigmoid form."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ RAL is the asymmetric polynomial loss whose negative branch is multiplied by Hil
 factors, which down-weights negatives the model is confident about being positive
 (likely missing or mislabelled positives in long-tailed chest X-ray data).
 """
+
 from __future__ import annotations
 
 from .apl import AsymmetricPolynomialBase
@@ -34,8 +35,9 @@ class RobustAsymmetricLoss(AsymmetricPolynomialBase):
         hill_form: str = "code",
         reduction: str = "sum",
     ) -> None:
-        super().__init__(gamma_neg, gamma_pos, clip, eps, epsilon_pos, epsilon_neg, epsilon_pos_pow,
-                         detach_focal_weight, reduction)
+        super().__init__(
+            gamma_neg, gamma_pos, clip, eps, epsilon_pos, epsilon_neg, epsilon_pos_pow, detach_focal_weight, reduction
+        )
         self.lamb = check_lamb(self.name, lamb)
         check_param(self.name, "hill_form", hill_form, hill_form in HILL_FORMS, " | ".join(HILL_FORMS))
         self.hill_form = hill_form

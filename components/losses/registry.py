@@ -1,4 +1,5 @@
 """Name -> loss class registry and ``build_loss``."""
+
 from __future__ import annotations
 
 import inspect
@@ -33,9 +34,7 @@ def build_loss(name: str, **params: Any) -> MultiLabelLoss:
     accepted = cls.defaults()
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(
-            f"loss '{name}' has no parameter(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
-        )
+        raise ValueError(f"loss '{name}' has no parameter(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
     missing = [k for k, v in accepted.items() if v is inspect.Parameter.empty and k not in params]
     if missing:
         raise ValueError(f"loss '{name}' requires parameter(s): {', '.join(missing)}")
@@ -46,9 +45,7 @@ def describe_losses() -> list[dict[str, Any]]:
     """One entry per registered loss: name, one-line summary, parameters with defaults."""
     out = []
     for name, cls in _REGISTRY.items():
-        params = {
-            k: ("<required>" if v is inspect.Parameter.empty else v) for k, v in cls.defaults().items()
-        }
+        params = {k: ("<required>" if v is inspect.Parameter.empty else v) for k, v in cls.defaults().items()}
         summary = (inspect.getdoc(cls) or "").splitlines()[0] if cls.__doc__ else ""
         out.append({"name": name, "summary": summary, "params": params})
     return out

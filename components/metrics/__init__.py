@@ -3,6 +3,7 @@
 Classes with no positive (or no negative) in the evaluated set have an undefined AP/AUROC;
 they are reported as NaN and left out of the macro averages, as in the CXR-LT evaluation.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,9 @@ def nanmean(values) -> float:
 
 
 def multilabel_metrics(
-    probs: np.ndarray, targets: np.ndarray, groups: Sequence[str] | None = None,
+    probs: np.ndarray,
+    targets: np.ndarray,
+    groups: Sequence[str] | None = None,
     mask: np.ndarray | None = None,
 ) -> dict:
     """Macro mAP, macro AUROC, per-class AP and (when ``groups`` given) head/medium/tail mAP."""
@@ -53,4 +56,15 @@ def multilabel_metrics(
         g = np.asarray(groups)
         for name in GROUPS:
             out[f"mAP_{name}"] = nanmean(ap[g == name]) if (g == name).any() else math.nan
+    return out
+
+
+def validation_metrics(probs: np.ndarray, targets: np.ndarray, masks: np.ndarray, groups: Sequence[str]) -> dict:
+    """The per-epoch validation record: ``val_mAP``, ``val_AUROC``, ``val_mAP_<group>`` and
+    ``per_class_ap`` (None where undefined), as logged to MLflow and kept in checkpoints."""
+    m = multilabel_metrics(probs, targets, groups, mask=masks)
+    out = {"val_mAP": m["mAP"], "val_AUROC": m["AUROC"]}
+    for g in GROUPS:
+        out[f"val_mAP_{g}"] = m[f"mAP_{g}"]
+    out["per_class_ap"] = [None if math.isnan(a) else float(a) for a in m["per_class_ap"]]
     return out

@@ -1,13 +1,14 @@
-"""Connecting to Ray the way users expect: the cluster from RAY_ADDRESS / --address (what
-``ray job submit`` sets), else a local Ray started for this process."""
+"""Connecting to Ray the way users expect: the cluster from RAY_ADDRESS or an explicit address
+(what ``ray job submit`` sets), else a local Ray started for this process. The one place that
+knows how ralflow starts and configures Ray."""
+
 from __future__ import annotations
 
 import os
 
-
-# Ray kills idle task workers after 1 s by default, so each epoch's Ray Data tasks start new
-# Python processes (torch, PIL imports) while the training loop waits: measured 5.4 s of data wait
-# per epoch on 2 CPUs, 1.3 s with this (bench/train.py). cluster/ passes the same to `ray start`.
+# Ray kills idle task workers after 1 s by default, so each epoch's Ray Data tasks would start new
+# Python processes (torch, PIL imports) while the training loop waits (bench/train.py shows the
+# data wait). cluster/ passes the same to `ray start`.
 SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
@@ -44,8 +45,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
     start_local_ray(num_cpus, **quiet)
     _embedded = True
     use_all_local_cpus_for_data()
-    log(f"ray: started a local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
-        f"dashboard {os.environ['RAY_ADDRESS']})")
+    log(
+        f"ray: started a local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
+        f"dashboard {os.environ['RAY_ADDRESS']})"
+    )
 
 
 def start_local_ray(num_cpus: int | None = None, **kwargs) -> str:
@@ -60,8 +63,15 @@ def start_local_ray(num_cpus: int | None = None, **kwargs) -> str:
 
     port = free_port()
     os.environ["RAY_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, _system_config=SYSTEM_CONFIG, **kwargs)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        _system_config=SYSTEM_CONFIG,
+        **kwargs,
+    )
     return ray.get_runtime_context().gcs_address
 
 
@@ -70,9 +80,9 @@ def use_all_local_cpus_for_data() -> None:
 
     Ray 2.60's per-operator reservation sizes Data's CPU budget from an autoscaling coordinator
     that answers asynchronously: every epoch (a new execution) starts with a zero budget, and on a
-    2-CPU node decode often ran on one CPU (bench/ingest.py: 1068 -> 1450-1500 images/s without
-    it). On a cluster ralflow keeps Ray's default: there the coordinator is how Ray Data asks the
-    autoscaler for nodes."""
+    small node decode often ran on one CPU (bench/ingest.py compares both settings). On a cluster
+    ralflow keeps Ray's default: there the coordinator is how Ray Data asks the autoscaler for
+    nodes."""
     from ray.data import DataContext
 
     DataContext.get_current().op_resource_reservation_enabled = False
@@ -100,7 +110,7 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def check_shared_path(path: str, what: str) -> None:
+def check_shared_path(path: str, what: str, field: str | None = None) -> None:
     """On a multi-node cluster a local path must be the same shared folder on every node
     (NFS or similar); URIs (s3://, gs://, ...) are shared by construction. Checked by writing
     a probe file here and looking for it from a task pinned to each node."""
@@ -109,7 +119,7 @@ def check_shared_path(path: str, what: str) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from components.errors import UserError
+    from .errors import UserError
 
     if "://" in path:
         return
@@ -121,16 +131,22 @@ def check_shared_path(path: str, what: str) -> None:
     with open(probe, "w") as f:
         f.write("probe")
     try:
+
         @ray.remote(num_cpus=0)
         def exists(p):
             return os.path.exists(p)
 
-        refs = [exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probe)
-                for n in nodes]
+        refs = [
+            exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probe)
+            for n in nodes
+        ]
         seen = ray.get(refs, timeout=60)
     finally:
         os.remove(probe)
     missing = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
     if missing:
-        raise UserError(f"{what} {path} is a local folder not shared with node(s) {', '.join(missing)} of this "
-                        f"{len(nodes)}-node cluster; use shared storage (an NFS mount on every node, or s3://, gs://)")
+        raise UserError(
+            f"{what} {path} is a local folder not shared with node(s) {', '.join(missing)} of this "
+            f"{len(nodes)}-node cluster; use shared storage (an NFS mount on every node, or s3://, gs://)",
+            field=field,
+        )

@@ -1,0 +1,215 @@
+"""Batch prediction with Ray Data: a pool of actors holding the model (``models:/<name>@champion``
+or any MLflow model URI) scores a prepared dataset, or a CXR-LT-format CSV + image root, and
+writes the CXR-LT submission CSV (dicom_id + one probability column per class, in label order).
+When labels are present the metrics are printed and logged. Unreadable images are listed in
+``<out>.rejects.csv``, not fatal."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import setting
+from .errors import UserError
+
+
+@dataclass
+class PredictOptions:
+    model_uri: str = setting(help="e.g. models:/ralflow-cxr@champion or runs:/<id>/model")
+    out: str = setting(help="submission CSV to write")
+    data: str | None = setting(None, help="prepared dataset folder (manifest.json)")
+    split: str | None = setting(None, help="split to score (default: test if present, else val)")
+    source: str | None = setting(None, help="instead of --data: a dataset root with its CSV files and images")
+    format: str = setting("cxr-lt-2023", help="format of --source")
+    tracking_uri: str | None = setting(None, help="MLflow tracking/registry URI (default sqlite:///<cwd>/mlflow.db)")
+    batch_size: int = setting(64, help="images per model call")
+    actors: int | None = setting(None, help="model replicas (default: 1 per GPU, else half the CPUs)")
+
+
+class Predictor:
+    """Ray Data actor: loads the MLflow model once and scores uint8 image batches (the model
+    resizes and normalises them itself)."""
+
+    def __init__(self, model_uri: str, tracking_uri: str) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        self.model = mlflow.pyfunc.load_model(model_uri)
+
+    def __call__(self, batch: dict) -> dict:
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["probs"] = np.asarray(self.model.predict(np.asarray(batch["image"])), dtype=np.float32)
+        return out
+
+
+def load_source_batch(batch: dict, image_size: int) -> dict:
+    """Ray Data task: read + resize images listed in a CSV; unreadable ones are flagged, not fatal."""
+    from .data.images import load_resized
+
+    images, ok, reasons = [], [], []
+    for path in batch["path"]:
+        reason = ""
+        try:
+            images.append(np.asarray(load_resized(str(path), image_size), dtype=np.uint8)[None])
+        except FileNotFoundError:
+            reason = "missing file"
+        except (OSError, ValueError, SyntaxError) as exc:
+            reason = f"undecodable: {type(exc).__name__}"
+        if reason:
+            images.append(np.zeros((1, image_size, image_size), np.uint8))
+        ok.append(not reason)
+        reasons.append(reason)
+    return {
+        "image_id": batch["image_id"],
+        "image": np.stack(images),
+        "labels": np.stack(batch["labels"]).astype(np.float32),
+        "mask": np.stack(batch["mask"]).astype(np.float32),
+        "ok": np.array(ok),
+        "reason": np.array(reasons, dtype=object),
+        "origin": batch["origin"],
+    }
+
+
+def model_info(model_uri: str, tracking_uri: str) -> tuple[list[str], int]:
+    """The model's label names and image size, from its metadata."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception as exc:  # unknown alias/name/run: the message names it
+        raise UserError(f"model_uri {model_uri}: {str(exc).splitlines()[0]}", field="model_uri") from None
+    meta = info.metadata or {}
+    if not meta.get("label_names") or not meta.get("image_size"):
+        raise UserError(
+            f"model_uri {model_uri}: not a ralflow model (no label_names/image_size metadata)", field="model_uri"
+        )
+    return meta["label_names"], meta["image_size"]
+
+
+def source_dataset(opts: PredictOptions, label_names: list[str], image_size: int, log=print):
+    """(Ray Dataset of uint8 images with ids, labels and masks; the split; label groups or None)."""
+    import ray.data
+
+    if opts.data:
+        from .data.ingest import build_ray_dataset
+        from .data.manifest import Manifest
+
+        manifest = Manifest.load(opts.data)
+        if manifest.label_names != label_names:
+            raise UserError(
+                f"data {opts.data}: label set differs from the model's "
+                f"({len(manifest.label_names)} vs {len(label_names)} labels)",
+                field="data",
+            )
+        split = opts.split or ("test" if "test" in manifest.splits else "val")
+        ds = build_ray_dataset(manifest, split, image_size, None, keep_ids=True, num_cpus=0.5)
+        log(f"predict: {manifest.split(split).num_images} images from split '{split}' of {opts.data}")
+        return ds, split, manifest.group_list()
+    from .data.readers import read_source
+
+    table = read_source(opts.format, opts.source)
+    if list(table.label_names) != label_names:
+        raise UserError(
+            f"source {opts.source}: label set of format {opts.format} differs from the model's", field="source"
+        )
+    split = opts.split or ("test" if "test" in table.split else "val")
+    rows = [
+        {"image_id": i, "path": p, "labels": lab, "mask": m, "origin": o}
+        for i, p, lab, m, o, s in zip(table.image_id, table.path, table.labels, table.mask, table.origin, table.split)
+        if s == split
+    ]
+    if not rows:
+        raise UserError(f"source {opts.source}: no rows in split '{split}'", field="source")
+    ds = ray.data.from_items(rows).map_batches(
+        load_source_batch,
+        fn_kwargs={"image_size": image_size},
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+        num_cpus=0.5,
+    )
+    log(f"predict: {len(rows)} images from split '{split}' of {opts.source}")
+    return ds, split, None
+
+
+def write_csv_atomically(path: Path, header: list[str], rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict:
+    """Score the dataset, write the submission (and rejects), log metrics when labels exist.
+    Returns ``{"rows", "out", "rejects", "metrics"}``."""
+    import ray
+
+    from .config import Config, resolve_defaults
+    from .metrics import multilabel_metrics
+    from .runtime import init_ray
+    from .tracking import TrackedRun, check_tracking_uri
+
+    if bool(opts.data) == bool(opts.source):
+        raise UserError("give exactly one of data (a prepared dataset) or source (a CSV dataset root)", field="data")
+    uri = opts.tracking_uri or resolve_defaults(Config()).tracking.tracking_uri
+    check_tracking_uri(uri)
+    label_names, image_size = model_info(opts.model_uri, uri)
+    init_ray(address, log=log)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # submission in dataset order
+    ds, split, groups = source_dataset(opts, label_names, image_size, log)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = opts.actors or (gpus or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2))
+    scored = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_uri": opts.model_uri, "tracking_uri": uri},
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+        concurrency=actors,
+        num_gpus=1 if gpus else 0,
+        num_cpus=0 if gpus else 1,
+    )
+    ids, probs, labels, masks, rejects = [], [], [], [], []
+    for batch in scored.iter_batches(batch_size=opts.batch_size, batch_format="numpy"):
+        ok = batch["ok"] if "ok" in batch else np.ones(len(batch["image_id"]), bool)
+        for i in np.flatnonzero(~ok):
+            rejects.append([batch["origin"][i], batch["image_id"][i], batch["reason"][i]])
+        ids.extend(batch["image_id"][ok].tolist())
+        probs.append(batch["probs"][ok])
+        labels.append(batch["labels"][ok])
+        masks.append(batch["mask"][ok])
+    probs, labels, masks = np.concatenate(probs), np.concatenate(labels), np.concatenate(masks)
+    out = Path(opts.out)
+    write_csv_atomically(
+        out, ["dicom_id", *label_names], ([i, *[f"{v:.6f}" for v in row]] for i, row in zip(ids, probs))
+    )
+    rejects_file = None
+    if rejects:
+        rejects_file = out.with_name(out.stem + ".rejects.csv")
+        write_csv_atomically(rejects_file, ["origin", "image_id", "reason"], rejects)
+    summary = None
+    if masks.sum() > 0:
+        m = multilabel_metrics(probs, labels, groups, mask=masks)
+        summary = {k: v for k, v in m.items() if k != "per_class_ap"}
+        run = TrackedRun.create(
+            uri, "ralflow-predict", f"predict-{split}", {"ralflow.model_uri": opts.model_uri, "ralflow.kind": "predict"}
+        )
+        run.log_metrics({f"{split}_{k}": v for k, v in summary.items()})
+        run.log_file(out)
+        run.finish("FINISHED")
+    return {
+        "rows": len(ids),
+        "classes": len(label_names),
+        "out": str(out),
+        "rejects": len(rejects),
+        "rejects_file": str(rejects_file) if rejects_file else None,
+        "metrics": summary,
+    }

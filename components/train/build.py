@@ -1,0 +1,109 @@
+"""What a training run is built from its config and dataset: the model, the loss with the class
+statistics it needs, the optimiser, the learning-rate schedule and the autocast policy. Used by
+the workers and, to fail early on bad settings, by the driver."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import Config
+from ..data.manifest import Manifest
+from ..errors import UserError
+
+
+def loss_params_for(cfg: Config, manifest: Manifest) -> dict:
+    """Loss params, with class statistics from the manifest for the losses that need them."""
+    params = dict(cfg.loss.params)
+    if cfg.loss.name in ("cb", "db"):
+        params.setdefault("class_counts", manifest.class_counts("train"))
+    if cfg.loss.name == "db":
+        params.setdefault("num_samples", manifest.split("train").num_images)
+    return params
+
+
+def build_loss_for(cfg: Config, manifest: Manifest):
+    from ..losses import build_loss
+
+    try:
+        return build_loss(cfg.loss.name, **loss_params_for(cfg, manifest))
+    except ValueError as exc:
+        raise UserError(f"loss: {exc}", field="loss.name") from None
+
+
+def build_model_for(cfg: Config, manifest: Manifest):
+    from ..models import build_model
+
+    m = cfg.model
+    return build_model(m.name, len(manifest.label_names), m.in_chans, m.pretrained_path, m.drop_rate)
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, min_ratio: float) -> float:
+    """Linear warmup then cosine decay to ``min_ratio``, per optimisation step."""
+    t = step / max(steps_per_epoch, 1)
+    if warmup_epochs > 0 and t < warmup_epochs:
+        return max(t / warmup_epochs, 1e-3)
+    span = max(epochs - warmup_epochs, 1e-8)
+    progress = min(max((t - warmup_epochs) / span, 0.0), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def amp_dtype(amp: str, device_type: str):
+    """Autocast dtype, or None for full precision. CPU runs full precision under 'auto'."""
+    import torch
+
+    if amp == "off" or (amp == "auto" and device_type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or (device_type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+@dataclass
+class TrainingParts:
+    """The stateful pieces of one worker's training: what a checkpoint saves and restores."""
+
+    model: object  # as prepared by Ray Train (DDP-wrapped with several workers)
+    loss_fn: object
+    optimizer: object
+    scheduler: object
+    scaler: object
+    autocast_dtype: object  # torch dtype, or None for full precision
+
+    def state_dicts(self) -> dict:
+        from ..models import unwrap
+
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dicts(self, state: dict) -> None:
+        from ..models import unwrap
+
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def build_parts(cfg: Config, manifest: Manifest, device, world_size: int, prepare_model=lambda m: m) -> TrainingParts:
+    """Model (through ``prepare_model``, e.g. Ray Train's), loss, AdamW, warmup + cosine schedule
+    per step, and the gradient scaler (active for float16 autocast only)."""
+    import torch
+
+    model = prepare_model(build_model_for(cfg, manifest))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    n_train = manifest.split("train").num_images
+    steps_per_epoch = max(1, math.ceil(n_train / (cfg.train.batch_size * max(world_size, 1))))
+    o = cfg.optim
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.train.epochs, o.warmup_epochs, o.min_lr_ratio)
+    )
+    autocast = amp_dtype(cfg.train.amp, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+    return TrainingParts(model, build_loss_for(cfg, manifest).to(device), optimizer, scheduler, scaler, autocast)

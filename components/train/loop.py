@@ -1,0 +1,229 @@
+"""The Ray Train worker: ``train_loop_per_worker`` and the steps it composes.
+
+Each worker streams its share of the training split from Ray Data (decode and augmentation run
+in Ray Data tasks), trains the model with the configured loss, and reports a checkpoint every
+epoch. Rank 0 also scores the whole validation split (every image exactly once, so the metric
+does not depend on the worker count) and logs the epoch to the run's MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config
+from ..data.manifest import Manifest
+from ..tracking import TrackedRun
+from .build import TrainingParts
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs, resolved once on the driver and sent to the workers as is."""
+
+    cfg: Config
+    manifest: Manifest
+    run: TrackedRun | None
+    storage_dir: str  # the run's folder in Ray Train storage: its per-epoch checkpoints
+    checkpoint_in_place: bool  # local mode: Ray does not persist reported checkpoints, write them here
+    drill_marker: str | None = None  # fault drill: a file that says the drill already fired
+
+
+def autocast(parts: TrainingParts, device):
+    import torch
+
+    dtype = parts.autocast_dtype
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def train_epoch(parts: TrainingParts, batches, device) -> dict:
+    """One pass over this worker's batches: loss sum, images, steps and time spent waiting."""
+    from ..models.inputs import normalize
+
+    loss_sum, seen, steps, data_wait = 0.0, 0, 0, 0.0
+    t0 = t_wait = time.perf_counter()
+    for batch in batches:
+        data_wait += time.perf_counter() - t_wait  # time the loop stood waiting for this batch
+        x, y, mask = normalize(batch["image"]), batch["labels"], batch["mask"]
+        with autocast(parts, device):
+            logits = parts.model(x)
+        loss = parts.loss_fn(logits, y, mask=mask)  # the loss upcasts to float32 itself
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(loss).backward()
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.scheduler.step()
+        loss_sum += float(loss.detach()) * len(x)
+        seen += len(x)
+        steps += 1
+        t_wait = time.perf_counter()
+    return {
+        "loss_sum": loss_sum,
+        "seen": seen,
+        "steps": steps,
+        "data_wait": data_wait,
+        "time": time.perf_counter() - t0,
+    }
+
+
+def evaluate(model, batches, device, autocast_dtype):
+    """Probabilities, targets and masks over an iterable of batches."""
+    import torch
+
+    from ..models.inputs import normalize
+
+    model.eval()
+    probs, targets, masks = [], [], []
+    with torch.inference_mode():
+        for batch in batches:
+            x = normalize(batch["image"].to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                logits = model(x)
+            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+            targets.append(batch["labels"].cpu().numpy())
+            masks.append(batch["mask"].cpu().numpy())
+    model.train()
+    if not probs:
+        empty = np.zeros((0, 0), np.float32)
+        return empty, empty, empty
+    return np.concatenate(probs), np.concatenate(targets), np.concatenate(masks)
+
+
+def gather_to_all(*arrays):
+    """Concatenate each array across the workers (identity when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return arrays
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, arrays)
+    return tuple(np.concatenate([g[i] for g in gathered if g[i].size]) for i in range(len(arrays)))
+
+
+def restore(parts: TrainingParts, job: TrainJob, device, rank: int) -> int:
+    """Load the newest checkpoint of this run, if any; returns the first epoch to train."""
+    import ray.train
+
+    from .checkpoints import newest_checkpoint_state
+
+    run_id = job.run.run_id if job.run else None
+    state = newest_checkpoint_state(job.storage_dir, run_id, ray.train.get_checkpoint(), device)
+    if not state:
+        return 0
+    parts.load_state_dicts(state)
+    if rank == 0:
+        print(
+            f"[train] resumed from checkpoint of epoch {state['epoch']} (restart in the same MLflow run {run_id})",
+            flush=True,
+        )
+        if job.run:  # the epoch may have been checkpointed but not logged before the failure
+            job.run.log_epoch(state["metrics"], state["epoch"])
+            # A durable record of the restart: worker stdout reaches the driver through Ray's
+            # log monitor, which may drop lines around a worker failure.
+            job.run.log_restart(state["epoch"])
+    return state["epoch"] + 1
+
+
+def save_checkpoint(parts: TrainingParts, job: TrainJob, epoch: int, metrics: dict, per_class_ap, rank: int) -> None:
+    """Report the epoch's metrics with a checkpoint (written by rank 0) to Ray Train."""
+    import ray.train
+
+    from .checkpoints import checkpoint_dir_name, save_state
+
+    # Local mode (num_workers=0) does not persist reported checkpoints: write them in place.
+    in_place = f"{job.storage_dir}/{checkpoint_dir_name(epoch)}" if job.checkpoint_in_place else None
+    with nullcontext(in_place) if in_place else tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            run_id = job.run.run_id if job.run else None
+            state = {
+                "run_id": run_id,
+                **parts.state_dicts(),
+                "epoch": epoch,
+                "metrics": metrics,
+                "per_class_ap": per_class_ap,
+            }
+            save_state(state, folder)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
+
+
+def fault_drill(job: TrainJob, epoch: int, rank: int, world: int) -> None:
+    """``train.fail_at_epoch``: the last worker exits once, at the start of that epoch (just
+    after the previous epoch's checkpoint was reported), to exercise recovery."""
+    marker = Path(job.drill_marker) if job.drill_marker else None
+    if marker is None or job.cfg.train.fail_at_epoch != epoch or rank != world - 1 or marker.exists():
+        return
+    marker.write_text(f"worker {rank} exited at epoch {epoch}\n")
+    print(f"[train] fault drill: worker {rank} exits now (epoch {epoch})", flush=True)
+    os._exit(1)
+
+
+def epoch_line(m: dict, epochs: int) -> str:
+    return (
+        f"[train] epoch {m['epoch'] + 1}/{epochs} loss {m['train_loss']:.4f} val mAP {m['val_mAP']:.4f} "
+        f"(head {m['val_mAP_head']:.4f} medium {m['val_mAP_medium']:.4f} tail {m['val_mAP_tail']:.4f}) "
+        f"AUROC {m['val_AUROC']:.4f} {m['images_per_s']:.0f} img/s (data wait {m['data_wait_frac']:.0%}) "
+        f"{m['epoch_time_s']:.1f}s"
+    )
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ..metrics import validation_metrics
+    from ..models import unwrap
+    from .build import build_parts
+
+    job: TrainJob = config["job"]
+    cfg, batch_size = job.cfg, job.cfg.train.batch_size
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    device = ray.train.torch.get_device()
+    parts = build_parts(cfg, job.manifest, device, world, prepare_model=ray.train.torch.prepare_model)
+    start_epoch = restore(parts, job, device, rank)
+    nodes = gather_to_all(np.array([ray.get_runtime_context().get_node_id()]))[0]
+    if rank == 0 and job.run:
+        job.run.set_tags({"ralflow.worker_nodes": ",".join(sorted(set(nodes.tolist())))})
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        fault_drill(job, epoch, rank, world)
+        t_epoch = time.perf_counter()
+        stats = train_epoch(parts, train_shard.iter_torch_batches(batch_size=batch_size, device=device), device)
+        val: dict = {"per_class_ap": None}
+        if rank == 0:  # the unwrapped module: no DDP collective while the other ranks wait
+            batches = val_shard.iter_torch_batches(batch_size=batch_size, device=device)
+            probs, targets, masks = evaluate(unwrap(parts.model), batches, device, parts.autocast_dtype)
+            val = {
+                "val_images": int(len(probs)),
+                **validation_metrics(probs, targets, masks, job.manifest.group_list()),
+            }
+        loss_sum, seen, _ = (
+            gather_to_all(np.array([stats["loss_sum"], stats["seen"], stats["steps"]]))[0].reshape(-1, 3).sum(0)
+        )
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "lr": parts.scheduler.get_last_lr()[0],
+            "images_per_s": seen / max(stats["time"], 1e-9),
+            "epoch_time_s": time.perf_counter() - t_epoch,  # training + validation
+            "data_wait_frac": stats["data_wait"] / max(stats["time"], 1e-9),  # rank 0's share of time starved of data
+        }
+        per_class_ap = val.pop("per_class_ap")
+        metrics.update(val)
+        save_checkpoint(parts, job, epoch, metrics, per_class_ap, rank)
+        if rank == 0:
+            if job.run:  # logged after the checkpoint is safe: a restart never logs an epoch twice
+                job.run.log_epoch(metrics, epoch)
+            print(epoch_line(metrics, cfg.train.epochs), flush=True)

@@ -1,0 +1,208 @@
+"""The driver side of a training run, shared by ``ralflow train`` and every Tune trial: check the
+config against the dataset, open the MLflow run, build the ``TorchTrainer``, fit, and the one
+post-fit path (best checkpoint -> summary metrics, per-class artifacts, logged model, status)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..config import Config, save_yaml
+from ..data.manifest import Manifest
+from ..errors import UserError
+from ..tracking import TrackedRun, check_tracking_uri, per_class_chart, per_class_table
+from .loop import TrainJob, train_loop_per_worker
+
+
+def load_dataset(cfg: Config) -> Manifest:
+    """The dataset of ``cfg``, checked for training; fills ``data.image_size`` from it and builds
+    the loss and the model once, so bad settings fail here rather than in a worker."""
+    from .build import build_loss_for, build_model_for
+
+    if not cfg.data.path:
+        raise UserError("data.path is required (a folder written by `ralflow prepare`)", field="data.path")
+    manifest = Manifest.load(cfg.data.path)
+    manifest.split("val")
+    cfg.data.image_size = cfg.data.image_size or manifest.image_size
+    build_loss_for(cfg, manifest)
+    build_model_for(cfg, manifest)
+    return manifest
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def open_run(cfg: Config, manifest: Manifest, log=print, extra_tags: dict | None = None) -> TrackedRun:
+    """The MLflow run of this config (resumed when it exists), with params, config and manifest."""
+    uri = cfg.tracking.tracking_uri
+    check_tracking_uri(uri)
+    log(f"[train] MLflow tracking URI: {uri}   (browse: mlflow ui --backend-store-uri {uri})")
+    log(f"[train] Ray Train storage: {cfg.tracking.storage_path}/{cfg.tracking.run_name}")
+    tags = {
+        "ralflow.dataset_sha256": manifest.dataset_sha256,
+        "ralflow.loss": cfg.loss.name,
+        "ralflow.model": cfg.model.name,
+    }
+    if commit := git_commit():
+        tags["ralflow.git_commit"] = commit
+    run = TrackedRun.open(uri, cfg.tracking.experiment, cfg.tracking.run_name, {**tags, **(extra_tags or {})})
+    log(
+        f"[train] MLflow run {run.run_id} ({'resumed' if run.resumed else 'new'}) "
+        f"in experiment '{cfg.tracking.experiment}'"
+    )
+    params = cfg.flat()
+    params.pop("train.fail_at_epoch", None)
+    params["dataset.sha256"] = manifest.dataset_sha256
+    params["dataset.num_train"] = manifest.split("train").num_images
+    params["dataset.num_val"] = manifest.split("val").num_images
+    run.log_params(params)
+    if not run.resumed:
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_yaml(cfg, Path(tmp) / "config.yaml")
+            run.log_file(Path(tmp) / "config.yaml")
+        run.log_files({"manifest.json": json.dumps(manifest.to_dict(), indent=2)}, "dataset")
+    return run
+
+
+def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None, name: str | None = None):
+    """The TorchTrainer for one training run (``ralflow train`` and each Tune trial)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ..data.ingest import AugmentOptions, build_ray_dataset
+
+    cfg, d = job.cfg, job.cfg.data
+    augment = AugmentOptions(d.crop_scale_min, d.rotation_degrees, d.hflip, d.brightness, d.contrast)
+    datasets = {
+        "train": build_ray_dataset(job.manifest, "train", d.image_size, augment, num_cpus=d.map_cpus),
+        "val": build_ray_dataset(job.manifest, "val", d.image_size, None, num_cpus=d.map_cpus),
+    }
+    for ds in datasets.values():
+        # These run in Ray Train's split coordinator, a remote actor: its progress bars reach the
+        # driver as raw redraw lines and count no rows for a split. The epoch lines report
+        # progress, throughput and data wait instead.
+        ds.context.enable_progress_bars = False
+    workers = cfg.train.num_workers
+    # Train V2 patches print() in workers to both log and tee it, so every worker line reached the
+    # driver twice. Plain print keeps one copy; Ray forwards this variable to the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    resources = {"CPU": cfg.train.cpus_per_worker} if workers else None
+    if resources and cfg.train.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.train.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name or cfg.tracking.run_name,
+            storage_path=storage_path or cfg.tracking.storage_path,
+            callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val_mAP",
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets=datasets,
+        # Only training is sharded (Ray splits with equal=True, dropping rows to equalise the
+        # workers); validation is scored whole by rank 0, every image exactly once.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def make_job(
+    cfg: Config, manifest: Manifest, run: TrackedRun, storage_path: str | None = None, name: str | None = None
+) -> TrainJob:
+    storage = storage_path or cfg.tracking.storage_path
+    storage_dir = f"{storage}/{name or cfg.tracking.run_name}"
+    drill = f"{storage_dir}/.fault-drill-done" if cfg.train.fail_at_epoch is not None and "://" not in storage else None
+    return TrainJob(cfg, manifest, run, storage_dir, checkpoint_in_place=cfg.train.num_workers == 0, drill_marker=drill)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def fit_and_log(trainer, job: TrainJob, log=print) -> dict:
+    """Fit, then the one post-fit path: the best checkpoint's model and metrics are logged and the
+    run ends FINISHED; a failure ends it FAILED (KILLED when interrupted), with the reason."""
+    from .checkpoints import best_checkpoint_state, prune_unregistered_checkpoints
+
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except KeyboardInterrupt:
+        job.run.finish("KILLED", "interrupted")
+        raise
+    except BaseException as exc:
+        job.run.finish("FAILED", f"training failed: {first_line(exc)}")
+        raise
+    state = best_checkpoint_state(result, job.storage_dir, job.run.run_id)
+    prune_unregistered_checkpoints(result)
+    return log_best(job, state, log)
+
+
+def log_best(job: TrainJob, state: dict, log=print) -> dict:
+    """Log the best epoch's model, summary metrics and per-class AP artifacts; close the run."""
+    import tempfile
+
+    cfg, manifest, run = job.cfg, job.manifest, job.run
+    names, counts, groups = manifest.label_names, manifest.class_counts("train"), manifest.group_list()
+    best = {f"best_{k}": v for k, v in state["metrics"].items() if k.startswith("val_")}
+    best["best_epoch"] = state["epoch"]
+    run.log_metrics(best)
+    ap = [float("nan") if a is None else a for a in state["per_class_ap"]]
+    m = state["metrics"]
+    with tempfile.TemporaryDirectory() as tmp:
+        title = f"{cfg.loss.name} / {cfg.model.name}: val mAP {m['val_mAP']:.3f} (epoch {state['epoch'] + 1})"
+        per_class_chart(names, ap, counts, groups, Path(tmp) / "per_class_ap.png", title)
+        run.log_file(Path(tmp) / "per_class_ap.png", "evaluation")
+    run.log_files({"per_class_ap.csv": per_class_table(names, ap, counts, groups)}, "evaluation")
+    if not run.has_model():
+        run.log_model(state["model"], cfg.model.name, cfg.model.in_chans, cfg.data.image_size, names)
+    run.finish("FINISHED")
+    if restarts := run.restarts():  # after a worker failure or a rerun of the same run name
+        log(
+            f"[train] this MLflow run resumed {len(restarts)}x, from the checkpoints of epochs "
+            f"{', '.join(map(str, restarts))} (MLflow metric restart_from_epoch)"
+        )
+    log(
+        f"[train] best epoch {state['epoch'] + 1}: val mAP {m['val_mAP']:.4f} (head {m['val_mAP_head']:.4f}, "
+        f"medium {m['val_mAP_medium']:.4f}, tail {m['val_mAP_tail']:.4f}); model logged to runs:/{run.run_id}/model"
+    )
+    return {"run_id": run.run_id, **best}
+
+
+def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
+    """The whole ``ralflow train`` job: checks, MLflow run, Ray Train fit, model + artifacts."""
+    from ..runtime import check_shared_path, init_ray
+
+    manifest = load_dataset(cfg)
+    run = open_run(cfg, manifest, log)
+    init_ray(address, log=log)
+    check_shared_path(cfg.tracking.storage_path, "tracking.storage_path", field="tracking.storage_path")
+    if cfg.tracking.tracking_uri.startswith("sqlite:///"):
+        sqlite_dir = str(Path(cfg.tracking.tracking_uri[len("sqlite:///") :]).parent)
+        check_shared_path(sqlite_dir, "the SQLite tracking store in", field="tracking.tracking_uri")
+    job = make_job(cfg, manifest, run)
+    return fit_and_log(build_trainer(job), job, log)

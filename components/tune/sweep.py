@@ -1,0 +1,251 @@
+"""``ralflow tune``: an Optuna TPE search with ASHA early stopping on per-epoch validation macro
+mAP, one MLflow parent run per sweep with a child run per trial. An interrupted sweep resumes
+(finished trials are not run again).
+
+Each trial is a function trainable that builds the same ``TorchTrainer`` as ``ralflow train``
+(``components.train.trainer``) and forwards the workers' epoch reports to Tune with
+``TuneReportCallback`` (the Ray Train V2 + Tune integration; no ``Tuner(trainer)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from ..config import Config, setting
+from ..data.manifest import Manifest
+from ..errors import UserError
+from ..tracking import TrackedRun, check_tracking_uri
+from ..train.trainer import build_trainer, fit_and_log, load_dataset, make_job, open_run
+from .report import trials_csv, trials_plot, trials_table
+from .space import apply_sample, load_search_space, to_tune
+
+
+@dataclass
+class SweepOptions:
+    num_samples: int = setting(8, help="trials")
+    max_epochs: int = setting(5, help="epochs per trial (ASHA's max_t)")
+    grace_epochs: int = setting(1, help="ASHA grace period in epochs")
+    search_space: str | None = setting(None, help="YAML overriding the default search space of the loss")
+    max_concurrent: int | None = setting(None, help="concurrent trials (default: what the cluster fits)")
+    name: str | None = setting(None, help="sweep name (default: from the config and space; stable => resumable)")
+    resume: bool = setting(False, help="resume the interrupted sweep of the same name")
+
+
+def trials_per_cluster(cfg: Config) -> int:
+    """How many trials fit at once: CPUs (or GPUs) / what one trial's Train run needs."""
+    import ray
+
+    res = ray.cluster_resources()
+    workers = max(cfg.train.num_workers, 1)
+    per_trial_cpu = workers * cfg.train.cpus_per_worker + 2 * cfg.data.map_cpus  # + Ray Data tasks
+    fit = int(res.get("CPU", 1) // per_trial_cpu)
+    if cfg.train.use_gpu:
+        fit = min(fit, int(res.get("GPU", 0) // workers))
+    return max(fit, 1)
+
+
+def sweep_name(cfg: Config, num_samples: int, space: dict) -> str:
+    key = json.dumps([cfg.run_key(), num_samples, space], sort_keys=True, default=str)
+    return f"sweep-{cfg.loss.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def make_trial_fn(
+    base: Config, manifest: Manifest, parent_run_id: str, sweep: str, storage: str, local_data: bool = False
+):
+    """The trainable. ``local_data``: the sweep runs on ralflow's embedded local Ray; the trial
+    (its own process, with Ray Data's default DataContext) then applies the same Ray Data setting
+    as ``ralflow train``."""
+
+    def trial(sample: dict) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from ..runtime import use_all_local_cpus_for_data
+
+        trial_id = tune.get_context().get_trial_id()
+        cfg = apply_sample(copy.deepcopy(base), sample)
+        cfg.tracking.run_name = f"{sweep}-{trial_id}"
+
+        def say(msg):
+            print(f"[{trial_id}] {msg}", flush=True)
+
+        if local_data:
+            use_all_local_cpus_for_data()
+            say("ray data: embedded local Ray, decode tasks scheduled by free CPUs")
+        tags = {"mlflow.parentRunId": parent_run_id, "ralflow.sweep": sweep, "ralflow.trial_id": trial_id}
+        run = open_run(cfg, manifest, say, extra_tags=tags)
+        job = make_job(cfg, manifest, run, storage_path=f"{storage}/{sweep}-trials", name=trial_id)
+        trainer = build_trainer(
+            job, callbacks=[TuneReportCallback()], storage_path=f"{storage}/{sweep}-trials", name=trial_id
+        )
+        fit_and_log(trainer, job, say)
+
+    return trial
+
+
+def close_trial_runs(rows: list[dict], tracking_uri: str) -> None:
+    """End the child runs the trials left open: a trial that crashed (its process may have died
+    before it could say so) is FAILED with Tune's error; one ASHA stopped is KILLED and tagged
+    as stopped early."""
+    for row in rows:
+        if not row["run_id"]:
+            continue
+        run = TrackedRun(tracking_uri, row["run_id"])
+        if run.get().info.status != "RUNNING":
+            continue
+        if row["status"] == "error":
+            run.finish("FAILED", f"trial failed: {row.get('error', 'see the Ray Tune trial error')}")
+        else:
+            run.set_tags({"ralflow.stopped_early": "true"})
+            run.finish("KILLED", f"stopped early by ASHA after {row['epochs']} epoch(s)")
+
+
+def sweep_exists(cfg: Config, opts: SweepOptions) -> bool:
+    """Whether the sweep these settings name already has state in storage (so it can resume)."""
+    from ray import tune
+
+    name = opts.name or sweep_name(cfg, opts.num_samples, load_search_space(cfg.loss.name, opts.search_space))
+    return tune.Tuner.can_restore(f"{cfg.tracking.storage_path}/{name}")
+
+
+def build_tuner(cfg: Config, opts: SweepOptions, trainable, space: dict, name: str, concurrent: int, log=print):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = cfg.tracking.storage_path
+    experiment_path = f"{storage}/{name}"
+    if opts.resume:
+        if not tune.Tuner.can_restore(experiment_path):
+            raise UserError(
+                f"resume: no sweep '{name}' to resume under {storage} (same settings as the first run?)", field="resume"
+            )
+        log(f"[tune] resuming sweep from {experiment_path}")
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+    if tune.Tuner.can_restore(experiment_path):
+        raise UserError(
+            f"sweep '{name}' already exists under {storage}; resume it, or give it another name", field="name"
+        )
+    searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=concurrent)
+    # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so it can log
+    # its model; ASHA stops only the ones that fall behind at a rung.
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=cfg.train.epochs,
+        grace_period=min(opts.grace_epochs, cfg.train.epochs),
+        reduction_factor=2,
+        stop_last_trials=False,
+    )
+    log(
+        f"[tune] {opts.num_samples} trials, up to {concurrent} at a time, ASHA over {cfg.train.epochs} epochs, "
+        f"searching {', '.join(space)}"
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune(space),
+        tune_config=tune.TuneConfig(
+            metric="val_mAP",
+            mode="max",
+            num_samples=opts.num_samples,
+            search_alg=searcher,
+            scheduler=scheduler,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+    )
+
+
+def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=print) -> dict:
+    """The whole sweep; returns the parent run id, the best trial (one with a logged model) and
+    every trial's row."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+    from ray import tune
+
+    from ..runtime import check_shared_path, embedded_ray, init_ray
+
+    if opts.num_samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {opts.num_samples}", field="num_samples")
+    cfg.train.epochs = opts.max_epochs
+    manifest = load_dataset(cfg)
+    space = load_search_space(cfg.loss.name, opts.search_space)
+    name = opts.name or sweep_name(cfg, opts.num_samples, space)
+    storage, uri = cfg.tracking.storage_path, cfg.tracking.tracking_uri
+    check_tracking_uri(uri)
+    tags = {
+        "ralflow.sweep_parent": "true",
+        "ralflow.loss": cfg.loss.name,
+        "ralflow.dataset_sha256": manifest.dataset_sha256,
+    }
+    parent = TrackedRun.open(uri, cfg.tracking.experiment, name, tags)
+    log(
+        f"[tune] sweep '{name}': MLflow parent run {parent.run_id} ({'resumed' if parent.resumed else 'new'}); "
+        f"tracking {uri}; storage {storage}/{name}"
+    )
+    if not parent.resumed:
+        parent.log_files({"search_space.yaml": yaml.safe_dump({cfg.loss.name: space}, sort_keys=False)})
+        parent.log_params(
+            {
+                "num_samples": opts.num_samples,
+                "max_epochs": cfg.train.epochs,
+                "loss": cfg.loss.name,
+                "model": cfg.model.name,
+                "dataset.sha256": manifest.dataset_sha256,
+            }
+        )
+
+    init_ray(address, log=log)
+    check_shared_path(storage, "tracking.storage_path", field="tracking.storage_path")
+    concurrent = min(opts.max_concurrent or trials_per_cluster(cfg), opts.num_samples)
+    base = copy.deepcopy(cfg)
+    base.tracking.run_name = None
+    trial = make_trial_fn(base, manifest, parent.run_id, name, storage, local_data=embedded_ray())
+    # The trial function only drives its TorchTrainer: a token CPU share; the workers ask for their own.
+    tuner = build_tuner(cfg, opts, tune.with_resources(trial, {"CPU": 0.01}), space, name, concurrent, log)
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        parent.finish("KILLED", "interrupted")
+        raise
+    rows = trials_table(results, name, parent.client, parent.get().info.experiment_id)
+    close_trial_runs(rows, uri)
+    finished = [
+        r
+        for r in rows
+        if r["status"] == "ok"
+        and r["run_id"]
+        and not math.isnan(r["best_val_mAP"])
+        and TrackedRun(uri, r["run_id"]).get().info.status == "FINISHED"
+    ]
+    if not finished:
+        errors = "; ".join(sorted({r["error"] for r in rows if r.get("error")})) or "none finished"
+        parent.finish("FAILED", f"no trial finished with a logged model ({errors})")
+        raise UserError(f"no trial finished with a logged model; trial errors: {errors}")
+    best = max(finished, key=lambda r: r["best_val_mAP"])
+    best_params = {k: best[k] for k in space}
+    with tempfile.TemporaryDirectory() as tmp:
+        trials_plot(rows, list(space), Path(tmp) / "trials.png", f"{name}: {len(rows)} trials")
+        parent.log_file(Path(tmp) / "trials.png")
+    parent.log_files({"trials.csv": trials_csv(rows)})
+    parent.log_params(
+        {f"best.{k}": v for k, v in best_params.items()}
+        | {"best.trial_id": best["trial_id"], "best.run_id": best["run_id"]}
+    )
+    parent.log_metrics({"best_val_mAP": best["best_val_mAP"], "num_trials": len(rows)})
+    parent.finish("FINISHED")
+    return {
+        "parent_run_id": parent.run_id,
+        "best_trial": best["trial_id"],
+        "best_run_id": best["run_id"],
+        "best_val_mAP": best["best_val_mAP"],
+        "best_params": best_params,
+        "trials": rows,
+        "name": name,
+    }
