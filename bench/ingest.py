@@ -133,7 +133,7 @@ def main() -> int:
         include_dashboard=False,
         logging_level="ERROR",
         log_to_driver=False,
-        _system_config=SYSTEM_CONFIG,
+        _system_config=dict(SYSTEM_CONFIG),
     )
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     DataContext.get_current().enable_progress_bars = False

@@ -130,7 +130,7 @@ def main() -> int:
             include_dashboard=False,
             logging_level="ERROR",
             log_to_driver=False,
-            _system_config=SYSTEM_CONFIG,
+            _system_config=dict(SYSTEM_CONFIG),
         )
         try:
             return plain_loop_images_per_s(data, args.image_size, args.model, args.batch_size, steps, streamed)

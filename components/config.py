@@ -227,14 +227,20 @@ def resolve_defaults(cfg: Config) -> Config:
                     f"{section}.{f.name}={value!r} is invalid; allowed: {' | '.join(choices)}",
                     field=f"{section}.{f.name}",
                 )
-    for name, value, ok in (
-        ("train.epochs", cfg.train.epochs, cfg.train.epochs >= 1),
-        ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1),
-        ("train.num_workers", cfg.train.num_workers, cfg.train.num_workers >= 0),
-        ("optim.lr", cfg.optim.lr, cfg.optim.lr > 0),
+    tr, size = cfg.train, cfg.data.image_size
+    for name, value, ok, allowed in (
+        ("train.epochs", tr.epochs, tr.epochs >= 1, ">= 1"),
+        ("train.batch_size", tr.batch_size, tr.batch_size >= 1, ">= 1"),
+        ("train.num_workers", tr.num_workers, tr.num_workers >= 0, ">= 0 (0: local mode)"),
+        ("train.cpus_per_worker", tr.cpus_per_worker, tr.cpus_per_worker > 0, "> 0"),
+        ("train.keep_checkpoints", tr.keep_checkpoints, tr.keep_checkpoints >= 1, ">= 1"),
+        ("train.max_failures", tr.max_failures, tr.max_failures >= -1, ">= 0, or -1 for no limit"),
+        ("data.image_size", size, size is None or 16 <= size <= 4096, "16..4096, or unset for the prepared size"),
+        ("data.map_cpus", cfg.data.map_cpus, cfg.data.map_cpus > 0, "> 0"),
+        ("optim.lr", cfg.optim.lr, cfg.optim.lr > 0, "> 0"),
     ):
         if not ok:
-            raise UserError(f"{name}={value!r} is invalid", field=name)
+            raise UserError(f"{name}={value!r} is invalid; allowed: {allowed}", field=name)
     if not t.run_name:
         t.run_name = f"{cfg.loss.name}-{cfg.model.name}-{cfg.run_key()}"
     return cfg

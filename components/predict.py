@@ -47,22 +47,16 @@ class Predictor:
         return out
 
 
-def load_source_batch(batch: dict, image_size: int) -> dict:
-    """Ray Data task: read + resize images listed in a CSV; unreadable ones are flagged, not fatal."""
-    from .data.images import load_resized
+def load_source_batch(batch: dict, image_size: int, root: str | None = None) -> dict:
+    """Ray Data task: read + resize images listed in a CSV; unusable ones are flagged with the
+    reason, not fatal."""
+    from .data.images import read_or_reason
 
     images, ok, reasons = [], [], []
     for path in batch["path"]:
-        reason = ""
-        try:
-            images.append(np.asarray(load_resized(str(path), image_size), dtype=np.uint8)[None])
-        except FileNotFoundError:
-            reason = "missing file"
-        except (OSError, ValueError, SyntaxError) as exc:
-            reason = f"undecodable: {type(exc).__name__}"
-        if reason:
-            images.append(np.zeros((1, image_size, image_size), np.uint8))
-        ok.append(not reason)
+        im, reason = read_or_reason(str(path), image_size, root=root)
+        images.append(np.zeros((1, image_size, image_size), np.uint8) if im is None else np.asarray(im, np.uint8)[None])
+        ok.append(im is not None)
         reasons.append(reason)
     return {
         "image_id": batch["image_id"],
@@ -129,7 +123,7 @@ def source_dataset(opts: PredictOptions, label_names: list[str], image_size: int
         raise UserError(f"source {opts.source}: no rows in split '{split}'", field="source")
     ds = ray.data.from_items(rows).map_batches(
         load_source_batch,
-        fn_kwargs={"image_size": image_size},
+        fn_kwargs={"image_size": image_size, "root": os.path.realpath(opts.source)},
         batch_size=opts.batch_size,
         batch_format="numpy",
         num_cpus=0.5,
@@ -160,6 +154,11 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
 
     if bool(opts.data) == bool(opts.source):
         raise UserError("give exactly one of data (a prepared dataset) or source (a CSV dataset root)", field="data")
+    for name, value in (("actors", opts.actors), ("batch_size", opts.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{name}={value} is invalid; allowed: >= 1", field=name)
+    if Path(opts.out).is_dir():
+        raise UserError(f"out {opts.out} is a folder; give the CSV file to write", field="out")
     uri = opts.tracking_uri or resolve_defaults(Config()).tracking.tracking_uri
     check_tracking_uri(uri)
     label_names, image_size = model_info(opts.model_uri, uri)

@@ -5,6 +5,7 @@ checksum) by the margin; otherwise it becomes ``challenger``. Forcing needs a re
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from .config import setting
@@ -87,6 +88,10 @@ def promote(opts: PromoteOptions) -> dict:
     from .config import Config, resolve_defaults
     from .tracking import ModelRegistry, check_tracking_uri, client
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", opts.model_name):
+        raise UserError(
+            f"model_name {opts.model_name!r} is invalid; use letters, digits, '.', '_' and '-'", field="model_name"
+        )
     uri = opts.tracking_uri or resolve_defaults(Config()).tracking.tracking_uri
     check_tracking_uri(uri)
     c = client(uri)

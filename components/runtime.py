@@ -69,7 +69,7 @@ def start_local_ray(num_cpus: int | None = None, **kwargs) -> str:
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        _system_config=SYSTEM_CONFIG,
+        _system_config=dict(SYSTEM_CONFIG),
         **kwargs,
     )
     return ray.get_runtime_context().gcs_address

@@ -28,26 +28,72 @@ PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
 def auth_env() -> dict:
     """Ray token authentication: use it when a token is available (file or RAY_AUTH_TOKEN)."""
+    return {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")} if token_available() else {}
+
+
+def token_available() -> bool:
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
-        return {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    return {}
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or token_file.is_file()
+
+
+def jobs_address(address: str | None) -> str:
+    """The Ray Jobs (dashboard) address as a URL; ``HOST:PORT`` gets ``http://``."""
+    import urllib.parse
+
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip()
+    if not address:
+        raise UserError("address (or RAY_ADDRESS) is required, e.g. http://127.0.0.1:8265", field="address")
+    url = address if "://" in address else f"http://{address}"
+    parsed = urllib.parse.urlparse(url)
+    try:
+        parsed.port  # noqa: B018 - raises on a port that is not a number
+        ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and not any(c.isspace() for c in url)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(f"address {address!r} is not a URL like http://HOST:8265 (the Ray dashboard)", field="address")
+    return url
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """The address must answer as a Ray dashboard (its Jobs API), and a cluster that wants the
+    auth token must have one to get here."""
+    import json
     import urllib.error
     import urllib.request
 
     url = address.rstrip("/") + "/api/version"
     try:
-        urllib.request.urlopen(url, timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return  # something answered (e.g. 401 before the token is attached): reachable
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            body = r.read(65536)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # token authentication: ralflow attaches the token when it has one
+            if token_available():
+                return
+            raise UserError(
+                f"address {address}: the Ray cluster requires its auth token; copy the head node's "
+                "~/.ray/auth_token here (or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)",
+                field="address",
+            ) from None
+        raise UserError(
+            f"address {address} answered HTTP {exc.code} at /api/version: not a Ray dashboard / Jobs address "
+            "(usually port 8265)",
+            field="address",
+        ) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise UserError(
             f"cannot reach the Ray cluster at {address} ({getattr(exc, 'reason', exc)}); "
             f"is it up, and is this the dashboard/Jobs address (usually port 8265)?"
         ) from None
+    try:
+        info = json.loads(body)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or "ray_version" not in info:
+        raise UserError(
+            f"address {address} answered, but not as a Ray dashboard / Jobs address (usually port 8265)",
+            field="address",
+        )
 
 
 def submit_with_retry(client, entrypoint: str, runtime_env: dict, job_id: str | None, wait_s: float = 120.0) -> str:
@@ -82,11 +128,7 @@ def submit(
     import asyncio
     import shlex
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise UserError("address (or RAY_ADDRESS) is required, e.g. http://127.0.0.1:8265", field="address")
-    if not address.startswith(("http://", "https://")):
-        address = f"http://{address}"
+    address = jobs_address(address)
     check_reachable(address)
     os.environ.update(auth_env())
     from ray.job_submission import JobSubmissionClient

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from .conftest import ROOT, run_cli
 pytestmark = [pytest.mark.cluster, pytest.mark.ray]
 
 PORTS = {"RALFLOW_RAY_PORT": "6391", "RALFLOW_DASHBOARD_PORT": "8291", "RALFLOW_MLFLOW_PORT": "5056"}
+
+
+def bystander(state: Path) -> subprocess.Popen:
+    """An unrelated process whose command line names the cluster's folder: `down` must spare it."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", str(state / "ray")])
 
 
 @pytest.fixture
@@ -33,17 +39,24 @@ def local_cluster(tmp_path_factory):
         "RALFLOW_OBJECT_STORE_MB": "300",
     }
     script = str(ROOT / "cluster" / "local.sh")
+    before = bystander(state)  # already running when `up` starts
     up = subprocess.run(["bash", script, "up"], env=env, capture_output=True, text=True, timeout=300)
+    after = bystander(state)  # started while the cluster runs
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        yield state, env, up.stdout
+        yield state, env, up.stdout + up.stderr
     finally:
         down = subprocess.run(["bash", script, "down"], env=env, capture_output=True, text=True, timeout=120)
-        assert down.returncode == 0, down.stderr
+        try:
+            assert down.returncode == 0, down.stderr
+            assert before.poll() is None and after.poll() is None, "down stopped a process it had not started"
+        finally:
+            before.kill(), after.kill()
         left = subprocess.run(["pgrep", "-f", str(state / "ray")], capture_output=True, text=True)
-        assert left.stdout.strip() == "", f"processes left: {left.stdout}"
+        assert set(left.stdout.split()) <= {str(before.pid), str(after.pid)}, f"processes left: {left.stdout}"
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
-        for port in (*PORTS.values(), "8301", "8302"):  # GCS, dashboard, MLflow, the nodes' agents
+        client = str(int(PORTS["RALFLOW_RAY_PORT"]) + 1)  # the Ray Client server
+        for port in (*PORTS.values(), client, "8301", "8302"):  # GCS, dashboard, MLflow, client, the nodes' agents
             assert f":{port} " not in listening, f"port {port} still in use after down"
         assert (
             subprocess.run(["curl", "-sf", f"http://127.0.0.1:{PORTS['RALFLOW_MLFLOW_PORT']}/health"]).returncode != 0
@@ -53,6 +66,9 @@ def local_cluster(tmp_path_factory):
 def test_submit_to_two_node_cluster_with_mlflow_server(local_cluster, tiny_dataset, tmp_path):
     state, env, up_out = local_cluster
     assert "RAY_ADDRESS=http://127.0.0.1:8291" in up_out and "MLFLOW_TRACKING_URI=http://127.0.0.1:5056" in up_out
+    assert "listening on every interface" in up_out  # what is exposed is said plainly
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    assert token.stat().st_mode & 0o777 == 0o600  # the token is a secret: owner only
     status = subprocess.run(
         ["bash", str(ROOT / "cluster" / "local.sh"), "status"], env=env, capture_output=True, text=True
     )

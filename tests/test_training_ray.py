@@ -38,15 +38,16 @@ def test_local_mode_train_loop(tiny_dataset, tmp_path, ray_address):
     c = mlflow.MlflowClient(cfg.tracking.tracking_uri)
     run = c.get_run(out["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["loss.name"] == "ral"
-    assert [m.step for m in c.get_metric_history(out["run_id"], "val_mAP")] == [0]
+    assert [m.step for m in c.get_metric_history(out["run_id"], "val_mAP")] == [1]  # epochs count from 1
+    assert [m.value for m in c.get_metric_history(out["run_id"], "epoch")] == [1] and out["best_epoch"] == 1
     assert 0 < out["best_val_mAP"] <= 1
     # Re-running the finished run resumes past its last epoch: nothing retrained, same result.
     again = run_training(cfg, log=lambda *_: None)
     assert again["run_id"] == out["run_id"] and again["best_val_mAP"] == out["best_val_mAP"]
-    assert [m.step for m in c.get_metric_history(out["run_id"], "val_mAP")] == [0]
+    assert [m.step for m in c.get_metric_history(out["run_id"], "val_mAP")] == [1]
     from components.tracking import TrackedRun
 
-    assert TrackedRun(cfg.tracking.tracking_uri, out["run_id"]).restarts() == [0]
+    assert TrackedRun(cfg.tracking.tracking_uri, out["run_id"]).restarts() == [1]
 
 
 def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset, tmp_path, cli, ray_address):
@@ -93,7 +94,7 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     run_id = re.search(r"run id: (\w+)", r.stdout).group(1)
     assert (storage / "drill" / ".fault-drill-done").read_text().startswith("worker 1 exited at epoch 1")
     # The driver reports the restart from the run's durable record (worker stdout may drop lines).
-    assert "this MLflow run resumed 1x, from the checkpoints of epochs 0 " in r.stdout
+    assert "this MLflow run resumed 1x, from the checkpoints of epochs 1 " in r.stdout
     out = r.stdout + r.stderr
     for epoch in range(1, 5):  # worker lines are not doubled by Train's print patch (some may be dropped)
         assert out.count(f"[train] epoch {epoch}/4 loss") <= 1, out[-4000:]
@@ -101,10 +102,10 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     c = mlflow.MlflowClient(uri)
     from components.tracking import TrackedRun
 
-    assert TrackedRun(uri, run_id).restarts() == [0]
+    assert TrackedRun(uri, run_id).restarts() == [1]
     runs = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])
     assert [x.info.run_id for x in runs] == [run_id]  # one run, never a second
-    assert sorted(m.step for m in c.get_metric_history(run_id, "val_mAP")) == [0, 1, 2, 3]  # no duplicated epoch
+    assert sorted(m.step for m in c.get_metric_history(run_id, "val_mAP")) == [1, 2, 3, 4]  # no duplicated epoch
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
     manifest = Manifest.load(tiny_dataset)
@@ -116,7 +117,7 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     # checkpoints kept in storage: the best two (keep_checkpoints) and the latest, none that Ray
     # left unregistered
     best_two = sorted(c.get_metric_history(run_id, "val_mAP"), key=lambda m: -m.value)[:2]
-    assert {p.name for p in (storage / "drill").glob("epoch-*")} == {f"epoch-{m.step:04d}" for m in best_two} | {
+    assert {p.name for p in (storage / "drill").glob("epoch-*")} == {f"epoch-{m.step - 1:04d}" for m in best_two} | {
         "epoch-0003"
     }
 

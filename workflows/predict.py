@@ -23,6 +23,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from components.flags import dataclass_values
+    from components.metrics import fmt
     from components.predict import PredictOptions, predict
 
     out = predict(PredictOptions(**dataclass_values(args, PredictOptions)), address=args.address)
@@ -30,7 +31,7 @@ def run(args) -> int:
     if out["rejects"]:
         print(f"predict: {out['rejects']} image(s) could not be read; listed in {out['rejects_file']}", file=sys.stderr)
     if out["metrics"]:
-        print("predict: " + ", ".join(f"{k} {v:.4f}" for k, v in out["metrics"].items()))
+        print("predict: " + ", ".join(f"{k} {fmt(v)}" for k, v in out["metrics"].items()))
     return 0
 
 

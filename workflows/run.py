@@ -21,6 +21,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from components.flags import dataclass_values
+    from components.metrics import fmt
     from components.pipeline import PipelineOptions, run_pipeline
 
     out = run_pipeline(PipelineOptions(**dataclass_values(args, PipelineOptions)), address=args.address)
@@ -34,8 +35,7 @@ def run(args) -> int:
     )
     print(f"  best params  {params}")
     print(
-        f"  mAP by group head {m.get('best_val_mAP_head', nan):.4f}  medium {m.get('best_val_mAP_medium', nan):.4f}  "
-        f"tail {m.get('best_val_mAP_tail', nan):.4f}"
+        "  mAP by group " + "  ".join(f"{g} {fmt(m.get(f'best_val_mAP_{g}', nan))}" for g in ("head", "medium", "tail"))
     )
     print(f"  registry     {out['model_name']} v{promoted['version']} @{promoted['alias']}")
     print(f"  submission   {out['submission']}")

@@ -103,6 +103,26 @@ class Manifest:
         """Each label's frequency group, in label order."""
         return [self.groups[n] for n in self.label_names]
 
+    def check_shards(self) -> None:
+        """Cheap consistency check (one shard per split, its schema only): the shards' label
+        vectors have one value per label name."""
+        import pyarrow.fs
+        import pyarrow.parquet as pq
+
+        for split in self.splits:
+            path = self.shard_paths(split)[0]
+            fs, inner = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
+            try:
+                with fs.open_input_file(inner) as f:
+                    width = pq.read_schema(f).field("labels").type.list_size
+            except (OSError, KeyError, AttributeError) as exc:
+                raise UserError(f"{path}: not a readable ralflow shard ({type(exc).__name__}: {exc})") from None
+            if width != len(self.label_names):
+                raise UserError(
+                    f"{path}: labels have {width} values but {MANIFEST} lists {len(self.label_names)} label names; "
+                    "prepare the dataset again"
+                )
+
     def shard_paths(self, split: str) -> list[str]:
         """Paths (or URIs) of the split's non-empty shards."""
         root = self.root.rstrip("/")

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ..config import setting
 from ..errors import UserError
-from .images import RESIZE_MODES, encode_jpeg, load_resized
+from .images import RESIZE_MODES, encode_jpeg, read_or_reason
 from .labels import UNCERTAIN_POLICIES, LabelPolicy, frequency_groups
 from .manifest import MANIFEST, Manifest, ShardInfo, SplitStats
 from .readers import FORMATS, SourceTable, read_source
@@ -50,6 +50,7 @@ class PrepareOptions:
     head_threshold: float = setting(0.10, help="head class: >= this training frequency")
     tail_threshold: float = setting(0.01, help="tail class: < this training frequency")
     strict: bool = setting(False, help="fail on the first unreadable image instead of rejecting it")
+    labels_csv: str | None = setting(None, help="the labels CSV under another name (e.g. Kaggle's sample_labels.csv)")
 
     def validate(self) -> None:
         checks = [
@@ -133,45 +134,38 @@ def write_shard(shard: dict, out: str, opts: PrepareOptions, num_classes: int) -
     final = out_dir / shard["name"]
     rejects_file = out_dir / f".{shard['name']}.rejects.json"
     if final.exists() and rejects_file.exists():  # both renamed into place => complete
-        rejects = json.loads(rejects_file.read_text())
-        return {
-            "name": shard["name"],
-            "split": shard["split"],
-            "skipped": True,
-            "rows": pq.ParquetFile(final).metadata.num_rows,
-            "rejects": rejects,
-        }
+        done = json.loads(rejects_file.read_text())
+        done = {"rejects": done, "upscaled": 0} if isinstance(done, list) else done  # older datasets: a list
+        rows = pq.ParquetFile(final).metadata.num_rows
+        return {"name": shard["name"], "split": shard["split"], "skipped": True, "rows": rows, **done}
     cols = {k: [] for k in shard_schema(num_classes).names}
-    rejects = []
+    rejects, upscaled = [], 0
+    root = os.path.realpath(opts.source)
     for row in shard["rows"]:
-        try:
-            data = encode_jpeg(load_resized(row["path"], opts.image_size, opts.resize), opts.jpeg_quality)
-        except FileNotFoundError:
-            rejects.append(
-                {
-                    "origin": row["origin"],
-                    "image_id": row["image_id"],
-                    "path": row["source_path"],
-                    "reason": "missing file",
-                }
-            )
-            continue
-        except (OSError, ValueError, SyntaxError) as exc:  # truncated / undecodable
-            reason = f"undecodable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        im, reason = read_or_reason(row["path"], opts.image_size, opts.resize, root)
+        if im is None:
             rejects.append(
                 {"origin": row["origin"], "image_id": row["image_id"], "path": row["source_path"], "reason": reason}
             )
             continue
+        upscaled += im.info.get("upscaled", False)
         for k in ("image_id", "patient_id", "study_id", "view", "source_path", "labels", "mask"):
             cols[k].append(row[k])
         cols["split"].append(shard["split"])
-        cols["image"].append(data)
+        cols["image"].append(encode_jpeg(im, opts.jpeg_quality))
     tbl = pa.table(cols, schema=shard_schema(num_classes))
     tmp = out_dir / f".{shard['name']}.tmp"
     pq.write_table(tbl, tmp, row_group_size=opts.row_group_size, compression="zstd")
     os.replace(tmp, final)
-    _atomic_write_text(rejects_file, json.dumps(rejects))
-    return {"name": shard["name"], "split": shard["split"], "skipped": False, "rows": tbl.num_rows, "rejects": rejects}
+    _atomic_write_text(rejects_file, json.dumps({"rejects": rejects, "upscaled": upscaled}))
+    return {
+        "name": shard["name"],
+        "split": shard["split"],
+        "skipped": False,
+        "rows": tbl.num_rows,
+        "rejects": rejects,
+        "upscaled": upscaled,
+    }
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -180,21 +174,45 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _check_resume_state(out: Path, opts: PrepareOptions) -> None:
-    """A partial dataset in ``out`` must have been started with the same options."""
-    state = out / STATE
-    current = {k: v for k, v in dataclasses.asdict(opts).items() if k != "strict"}  # strict: no effect on shards
-    wanted = json.dumps(current, sort_keys=True)
-    if state.exists():
-        previous = json.loads(state.read_text())
-        if json.dumps(previous, sort_keys=True) != wanted:
-            diff = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
+def read_json_dict(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when there is none (missing, not JSON, not an object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_output_folder(out: Path, opts: PrepareOptions) -> None:
+    """Before anything is read or written: ``out`` must be new, empty, or a dataset (finished or
+    not) prepared from the same options. Nothing in it is touched when it is not."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"out {out} is a file, not a folder", field="out")
+    previous = read_json_dict(out / STATE) or (read_json_dict(out / MANIFEST) or {}).get("options")
+    if not previous:  # no options file, and no manifest of a dataset written before it existed
+        if any(out.iterdir()):
             raise UserError(
-                f"out {out} holds a dataset prepared with other options {diff} (old, new); use another folder",
-                field="out",
+                f"out {out} is not empty and holds no ralflow dataset; use a new or empty folder", field="out"
             )
-    else:
-        _atomic_write_text(state, wanted)
+        return
+    previous = {k: v for k, v in previous.items() if k != "strict"}
+    previous["source"] = str(Path(previous.get("source", "")).expanduser().resolve())
+    current = {k: v for k, v in dataclasses.asdict(opts).items() if k != "strict"}  # strict: no effect on shards
+    if diff := {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}:
+        raise UserError(
+            f"out {out} holds a dataset prepared with other options {diff} (old, new); use another folder", field="out"
+        )
+
+
+def check_splits(table: SourceTable, opts: PrepareOptions) -> None:
+    """Training needs training and validation images: refuse before writing any shard."""
+    if "train" not in table.split:
+        raise UserError(f"source {opts.source}: no training rows (is the training CSV empty?)", field="source")
+    if "val" not in table.split:
+        why = "val_fraction is 0" if opts.val_fraction == 0 else "the source has no validation rows"
+        raise UserError(f"val_fraction: no validation images ({why}); training needs some", field="val_fraction")
 
 
 def build_manifest(table: SourceTable, opts: PrepareOptions, results: list[dict], out: Path) -> Manifest:
@@ -242,15 +260,28 @@ def build_manifest(table: SourceTable, opts: PrepareOptions, results: list[dict]
 def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable | None = None, log=print) -> Manifest:
     """Read the source, write the shards (``map_shards(fn, shards)`` runs them in parallel;
     default: in this process), then ``rejects.csv`` and ``manifest.json``. Returns the manifest."""
+    opts = dataclasses.replace(opts, source=str(Path(opts.source).expanduser().resolve()))  # "dir/" == "dir"
     opts.validate()
     out = Path(out)
+    check_output_folder(out, opts)
     policy = LabelPolicy(opts.uncertain, opts.blank)
-    table = read_source(opts.format, opts.source, policy, val_fraction=opts.val_fraction, split_seed=opts.split_seed)
+    table = read_source(
+        opts.format,
+        opts.source,
+        policy,
+        val_fraction=opts.val_fraction,
+        split_seed=opts.split_seed,
+        labels_csv=opts.labels_csv,
+    )
     counts = {s: table.split.count(s) for s in ("train", "val", "test") if s in table.split}
     log(f"prepare: read {len(table)} rows from {opts.format} source {opts.source} {counts}")
+    check_splits(table, opts)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / STATE).is_file():
+        _atomic_write_text(
+            out / STATE, json.dumps({k: v for k, v in dataclasses.asdict(opts).items() if k != "strict"})
+        )
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten at the end
-    _check_resume_state(out, opts)
     plan = plan_shards(table, opts.rows_per_shard)
     done = sum((out / s["name"]).exists() for s in plan)
     log(f"prepare: {len(plan)} shard(s) of <= {opts.rows_per_shard} rows, {done} already complete")
@@ -277,6 +308,10 @@ def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable 
         (out / REJECTS).unlink(missing_ok=True)
     manifest = build_manifest(table, opts, results, out)
     manifest.write(out)
+    if upscaled := sum(r["upscaled"] for r in results):
+        log(
+            f"prepare: warning: {upscaled} image(s) were smaller than image_size {opts.image_size} px and were enlarged"
+        )
     written = sum(not r["skipped"] for r in results)
     log(
         f"prepare: wrote {written} shard(s), skipped {len(results) - written} complete; "

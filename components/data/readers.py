@@ -2,8 +2,10 @@
 NIH ChestX-ray14 and CheXpert. Each returns one :class:`SourceTable` with every row's id,
 patient, study, view, absolute image path, split, labels and mask in the label contract.
 
-CSV problems (missing column, non-numeric label, duplicate id, a path escaping the root) raise
+CSV problems (missing column, a row with too few or too many fields, a quote left open, a file
+that is not UTF-8, non-numeric label, duplicate id, a path escaping the root) raise
 :class:`UserError` naming the file, row (1-based line number) and column, before any image work.
+The training labels file may carry another name (``labels_csv``, e.g. Kaggle's NIH sample).
 """
 
 from __future__ import annotations
@@ -73,25 +75,46 @@ def resolve_under(root: Path, rel: str, where: str) -> str:
 
 
 def read_csv(path: Path, required: list[str]) -> tuple[list[str], list[tuple[int, dict]]]:
-    """Rows as (line number, dict); fails naming the file and column when one is missing."""
+    """Rows as (line number, dict); fails naming the file, line and column when the file does not
+    have the shape of a CSV table (fields missing or extra, an unterminated quote, not UTF-8)."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise UserError(f"{path}: empty file (no header line)") from None
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise UserError(f"{path}: missing column(s) {', '.join(repr(m) for m in missing)}")
-        rows = []
-        for line, values in enumerate(reader, start=2):
-            if not values or all(not v.strip() for v in values):
-                continue
-            if len(values) < len(header):
-                values = values + [""] * (len(header) - len(values))
-            rows.append((line, {h: v for h, v in zip(header, values) if h}))
+    line = 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, strict=True)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise UserError(f"{path}: empty file (no header line)") from None
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise UserError(f"{path}: missing column(s) {', '.join(repr(m) for m in missing)}")
+            # Trailing commas (an empty last header field, as in NIH's Data_Entry_2017.csv) are
+            # not data: a row may have them or not, but no other field may be missing or extra.
+            width = len(header)
+            while width and not header[width - 1]:
+                width -= 1
+            rows, line = [], reader.line_num
+            for values in reader:
+                start, line = line + 1, reader.line_num
+                if not values or all(not v.strip() for v in values):
+                    continue
+                if any("\n" in v or "\r" in v for v in values):
+                    raise UserError(f"{path}:{start}: a quoted field runs over several lines (a quote left open?)")
+                while len(values) > width and not values[-1].strip():
+                    values = values[:-1]
+                if len(values) != width:
+                    what = "a value is missing" if len(values) < width else "a value too many"
+                    raise UserError(
+                        f"{path}:{start}: {len(values)} field(s) where the header has {width} "
+                        f"({what}; check commas and quotes)"
+                    )
+                rows.append((start, {h: v for h, v in zip(header, values) if h}))
+    except csv.Error as exc:  # the row that starts after the last complete one
+        raise UserError(f"{path}:{line + 1}: not a valid CSV row ({exc}; a quote left open?)") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); re-save it as UTF-8") from None
     return header, rows
 
 
@@ -171,21 +194,22 @@ def _read_cxr_lt(
     return table
 
 
-def read_cxr_lt_2023(root: Path, policy: LabelPolicy, **_) -> SourceTable:
+def read_cxr_lt_2023(root: Path, policy: LabelPolicy, labels_csv: str | None = None, **_) -> SourceTable:
     names = label_set("cxr-lt-2023")
-    if not (root / "train.csv").is_file():
-        raise UserError(f"{root}: no train.csv (expected the CXR-LT 2023 files train.csv, development.csv)")
+    train = labels_csv or "train.csv"
+    if not (root / train).is_file():
+        raise UserError(f"{root}: no {train} (expected the CXR-LT 2023 files train.csv, development.csv)")
     table = SourceTable(names)
-    _read_cxr_lt(root, [("train.csv", "train"), ("development.csv", "val")], "path", names, policy, table=table)
+    _read_cxr_lt(root, [(train, "train"), ("development.csv", "val")], "path", names, policy, table=table)
     _read_cxr_lt(root, [("test.csv", "test")], "path", names, policy, labeled=False, table=table)
     check_unique_ids(table, "dicom_id")
     return table
 
 
-def read_cxr_lt_2024(root: Path, policy: LabelPolicy, **_) -> SourceTable:
-    train = root / "train_labeled.csv"
+def read_cxr_lt_2024(root: Path, policy: LabelPolicy, labels_csv: str | None = None, **_) -> SourceTable:
+    train = root / (labels_csv or "train_labeled.csv")
     if not train.is_file():
-        raise UserError(f"{root}: no train_labeled.csv (expected the CXR-LT 2024 files)")
+        raise UserError(f"{root}: no {train.name} (expected the CXR-LT 2024 files)")
     header, _ = read_csv(train, ["dicom_id", "subject_id", "study_id", "fpath"])
     # Label columns are found by name: every non-metadata column, in the canonical order first.
     present = [h for h in header if h and h not in CXR_LT_META]
@@ -193,7 +217,7 @@ def read_cxr_lt_2024(root: Path, policy: LabelPolicy, **_) -> SourceTable:
     table = SourceTable(names)
     _read_cxr_lt(
         root,
-        [("train_labeled.csv", "train"), ("development_labeled_task1.csv", "val")],
+        [(str(train), "train"), ("development_labeled_task1.csv", "val")],
         "fpath",
         names,
         policy,
@@ -203,9 +227,20 @@ def read_cxr_lt_2024(root: Path, policy: LabelPolicy, **_) -> SourceTable:
     return table
 
 
-def read_nih(root: Path, policy: LabelPolicy, val_fraction: float = 0.1, split_seed: int = 0, **_) -> SourceTable:
+# The NIH labels file as NIH ships it, and as Kaggle's 5% sample names it.
+NIH_LABEL_FILES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv", "sample_labels.csv")
+
+
+def read_nih(
+    root: Path, policy: LabelPolicy, val_fraction: float = 0.1, split_seed: int = 0, labels_csv: str | None = None, **_
+) -> SourceTable:
     names = label_set("nih")
-    entry = root / "Data_Entry_2017.csv"
+    found = [f for f in NIH_LABEL_FILES if (root / f).is_file()]
+    entry = root / (labels_csv or (found[0] if found else NIH_LABEL_FILES[0]))
+    if not entry.is_file():
+        raise UserError(
+            f"{entry}: file not found (expected one of {', '.join(NIH_LABEL_FILES)}, or name it with labels_csv)"
+        )
     _, rows = read_csv(entry, ["Image Index", "Finding Labels", "Patient ID"])
     test_list = root / "test_list.txt"
     test_names = set(test_list.read_text().split()) if test_list.is_file() else set()
@@ -243,25 +278,39 @@ def read_nih(root: Path, policy: LabelPolicy, val_fraction: float = 0.1, split_s
 
 
 def _index_images(root: Path) -> dict[str, str]:
-    """File name -> path relative to root, for NIH's images_0XX/images/ (or flat images/) layout."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
+    """File name -> path relative to root, for NIH's images_0XX/images/ (or flat images/) layout.
+    Folders reached through links are followed, each real folder once (links may loop); images
+    whose real path leaves the root are then rejected with that reason when prepared."""
+    out, seen = {}, set()
+    for dirpath, dirnames, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []  # reached again through a link: a loop, or a second way in
+            continue
+        seen.add(real)
         for f in files:
             if f.lower().endswith((".png", ".jpg", ".jpeg")):
                 out.setdefault(f, os.path.relpath(os.path.join(dirpath, f), root))
     return out
 
 
-def read_chexpert(root: Path, policy: LabelPolicy, **_) -> SourceTable:
+CHEXPERT_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
+
+
+def read_chexpert(root: Path, policy: LabelPolicy, labels_csv: str | None = None, **_) -> SourceTable:
     names = label_set("chexpert")
-    folder = next((root / d for d in ("CheXpert-v1.0-small", "CheXpert-v1.0") if (root / d).is_dir()), None)
+    folder = next((root / d for d in CHEXPERT_FOLDERS if (root / d).is_dir()), None)
+    kaggle = folder is None and (root / (labels_csv or "train.csv")).is_file()  # the Kaggle mirror: no top folder
+    if kaggle:
+        folder = root
     if folder is None:
         raise UserError(
-            f"{root}: no CheXpert-v1.0-small/ or CheXpert-v1.0/ folder (source is the folder that contains it)",
+            f"{root}: no CheXpert-v1.0-small/ or CheXpert-v1.0/ folder, nor train.csv "
+            "(source is the folder that contains them)",
             field="source",
         )
     table = SourceTable(names)
-    for filename, split in (("train.csv", "train"), ("valid.csv", "val")):
+    for filename, split in ((labels_csv or "train.csv", "train"), ("valid.csv", "val")):
         path = folder / filename
         if not path.is_file():
             if split == "train":
@@ -272,6 +321,8 @@ def read_chexpert(root: Path, policy: LabelPolicy, **_) -> SourceTable:
             where = f"{path}:{line}"
             labels, mask = convert_labels(row, names, policy, where)
             rel = row["Path"].strip()
+            if kaggle and rel.split("/", 1)[0] in CHEXPERT_FOLDERS:  # paths keep the folder the mirror dropped
+                rel = rel.split("/", 1)[1] if "/" in rel else rel
             parts = rel.split("/")
             patient = next((p for p in parts if p.startswith("patient")), "")
             study = next((p for p in parts if p.startswith("study")), "")

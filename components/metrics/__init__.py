@@ -37,6 +37,11 @@ def _per_class(fn, probs, targets, mask, need_negative: bool) -> np.ndarray:
     return out
 
 
+def fmt(value, digits: int = 4) -> str:
+    """A metric for people: ``n/a`` where it is undefined (e.g. no tail class in this dataset)."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
 def nanmean(values) -> float:
     v = np.asarray(values, dtype=np.float64)
     v = v[~np.isnan(v)]

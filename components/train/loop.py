@@ -107,7 +107,8 @@ def gather_to_all(*arrays):
 
 
 def restore(parts: TrainingParts, job: TrainJob, device, rank: int) -> int:
-    """Load the newest checkpoint of this run, if any; returns the first epoch to train."""
+    """Load the newest checkpoint of this run, if any; returns the first epoch to train (0-based:
+    checkpoints count epochs from 0, what users see counts from 1)."""
     import ray.train
 
     from .checkpoints import newest_checkpoint_state
@@ -118,15 +119,15 @@ def restore(parts: TrainingParts, job: TrainJob, device, rank: int) -> int:
         return 0
     parts.load_state_dicts(state)
     if rank == 0:
+        done = state["epoch"] + 1
         print(
-            f"[train] resumed from checkpoint of epoch {state['epoch']} (restart in the same MLflow run {run_id})",
-            flush=True,
+            f"[train] resumed from the checkpoint of epoch {done} (restart in the same MLflow run {run_id})", flush=True
         )
         if job.run:  # the epoch may have been checkpointed but not logged before the failure
-            job.run.log_epoch(state["metrics"], state["epoch"])
+            job.run.log_epoch(state["metrics"], done)
             # A durable record of the restart: worker stdout reaches the driver through Ray's
             # log monitor, which may drop lines around a worker failure.
-            job.run.log_restart(state["epoch"])
+            job.run.log_restart(done)
     return state["epoch"] + 1
 
 
@@ -165,11 +166,18 @@ def fault_drill(job: TrainJob, epoch: int, rank: int, world: int) -> None:
     os._exit(1)
 
 
+def merge_nodes(tag: str, nodes) -> str:
+    """The ``ralflow.worker_nodes`` tag after a (re)start: the nodes used before and now."""
+    return ",".join(sorted(set(filter(None, tag.split(","))) | set(nodes)))
+
+
 def epoch_line(m: dict, epochs: int) -> str:
+    from ..metrics import fmt
+
     return (
-        f"[train] epoch {m['epoch'] + 1}/{epochs} loss {m['train_loss']:.4f} val mAP {m['val_mAP']:.4f} "
-        f"(head {m['val_mAP_head']:.4f} medium {m['val_mAP_medium']:.4f} tail {m['val_mAP_tail']:.4f}) "
-        f"AUROC {m['val_AUROC']:.4f} {m['images_per_s']:.0f} img/s (data wait {m['data_wait_frac']:.0%}) "
+        f"[train] epoch {m['epoch']}/{epochs} loss {m['train_loss']:.4f} val mAP {fmt(m['val_mAP'])} "
+        f"(head {fmt(m['val_mAP_head'])} medium {fmt(m['val_mAP_medium'])} tail {fmt(m['val_mAP_tail'])}) "
+        f"AUROC {fmt(m['val_AUROC'])} {m['images_per_s']:.0f} img/s (data wait {m['data_wait_frac']:.0%}) "
         f"{m['epoch_time_s']:.1f}s"
     )
 
@@ -193,8 +201,9 @@ def train_loop_per_worker(config: dict) -> None:
     parts = build_parts(cfg, job.manifest, device, world, prepare_model=ray.train.torch.prepare_model)
     start_epoch = restore(parts, job, device, rank)
     nodes = gather_to_all(np.array([ray.get_runtime_context().get_node_id()]))[0]
-    if rank == 0 and job.run:
-        job.run.set_tags({"ralflow.worker_nodes": ",".join(sorted(set(nodes.tolist())))})
+    if rank == 0 and job.run:  # every node the run has used, across restarts
+        before = job.run.get().data.tags.get("ralflow.worker_nodes", "")
+        job.run.set_tags({"ralflow.worker_nodes": merge_nodes(before, nodes.tolist())})
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -213,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
             gather_to_all(np.array([stats["loss_sum"], stats["seen"], stats["steps"]]))[0].reshape(-1, 3).sum(0)
         )
         metrics = {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # as people count: the console, MLflow's step and best_epoch agree
             "train_loss": loss_sum / max(seen, 1),
             "lr": parts.scheduler.get_last_lr()[0],
             "images_per_s": seen / max(stats["time"], 1e-9),
@@ -225,5 +234,5 @@ def train_loop_per_worker(config: dict) -> None:
         save_checkpoint(parts, job, epoch, metrics, per_class_ap, rank)
         if rank == 0:
             if job.run:  # logged after the checkpoint is safe: a restart never logs an epoch twice
-                job.run.log_epoch(metrics, epoch)
+                job.run.log_epoch(metrics, epoch + 1)
             print(epoch_line(metrics, cfg.train.epochs), flush=True)

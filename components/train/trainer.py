@@ -10,6 +10,7 @@ from pathlib import Path
 from ..config import Config, save_yaml
 from ..data.manifest import Manifest
 from ..errors import UserError
+from ..metrics import fmt
 from ..tracking import TrackedRun, check_tracking_uri, per_class_chart, per_class_table
 from .loop import TrainJob, train_loop_per_worker
 
@@ -23,6 +24,7 @@ def load_dataset(cfg: Config) -> Manifest:
         raise UserError("data.path is required (a folder written by `ralflow prepare`)", field="data.path")
     manifest = Manifest.load(cfg.data.path)
     manifest.split("val")
+    manifest.check_shards()
     cfg.data.image_size = cfg.data.image_size or manifest.image_size
     build_loss_for(cfg, manifest)
     build_model_for(cfg, manifest)
@@ -169,7 +171,7 @@ def log_best(job: TrainJob, state: dict, log=print) -> dict:
     cfg, manifest, run = job.cfg, job.manifest, job.run
     names, counts, groups = manifest.label_names, manifest.class_counts("train"), manifest.group_list()
     best = {f"best_{k}": v for k, v in state["metrics"].items() if k.startswith("val_")}
-    best["best_epoch"] = state["epoch"]
+    best["best_epoch"] = state["epoch"] + 1
     run.log_metrics(best)
     ap = [float("nan") if a is None else a for a in state["per_class_ap"]]
     m = state["metrics"]
@@ -187,8 +189,8 @@ def log_best(job: TrainJob, state: dict, log=print) -> dict:
             f"{', '.join(map(str, restarts))} (MLflow metric restart_from_epoch)"
         )
     log(
-        f"[train] best epoch {state['epoch'] + 1}: val mAP {m['val_mAP']:.4f} (head {m['val_mAP_head']:.4f}, "
-        f"medium {m['val_mAP_medium']:.4f}, tail {m['val_mAP_tail']:.4f}); model logged to runs:/{run.run_id}/model"
+        f"[train] best epoch {state['epoch'] + 1}: val mAP {fmt(m['val_mAP'])} (head {fmt(m['val_mAP_head'])}, "
+        f"medium {fmt(m['val_mAP_medium'])}, tail {fmt(m['val_mAP_tail'])}); model logged to runs:/{run.run_id}/model"
     )
     return {"run_id": run.run_id, **best}
 
