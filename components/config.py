@@ -87,6 +87,7 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, help="keep the best N checkpoints by val mAP")
     max_failures: int = setting(2, help="worker-group restarts from the latest checkpoint")
     fail_at_epoch: int | None = setting(None, help="fault drill: one worker exits once at this epoch")
+    stall_warn_s: float = setting(120.0, help="say what training waits for when no batch came for this long")
 
 
 @dataclass
@@ -124,12 +125,18 @@ class Config:
                     out[f"{section}.{k}"] = v
         return out
 
-    def run_key(self) -> str:
-        """Stable short hash of what defines a training run (not where it is tracked/stored)."""
+    def run_key(self, dataset_sha256: str = "") -> str:
+        """Stable short hash of what defines a training run: the config (not where it is tracked or
+        stored) and the dataset's content, so a dataset rebuilt in the same folder is a new run."""
         d = self.to_dict()
         d.pop("tracking")
-        d["train"].pop("fail_at_epoch")
+        for how_not_what in ("fail_at_epoch", "stall_warn_s"):  # how a run is watched, not what it trains
+            d["train"].pop(how_not_what)
+        d["dataset_sha256"] = dataset_sha256
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def default_run_name(self, dataset_sha256: str) -> str:
+        return f"{self.loss.name}-{self.model.name}-{self.run_key(dataset_sha256)}"
 
 
 def sections(cfg_type=Config) -> dict[str, type]:
@@ -208,8 +215,9 @@ def load_config(yaml_path: str | None = None, overrides: dict | None = None) -> 
 
 
 def resolve_defaults(cfg: Config) -> Config:
-    """Fill the machine-dependent defaults (paths under the working directory, the run name) and
-    check values against their declared choices and ranges. Done once, on the driver."""
+    """Fill the machine-dependent defaults (paths under the working directory) and check values
+    against their declared choices and ranges. Done once, on the driver; the run name, which
+    depends on the dataset, is set when the dataset is loaded."""
     t = cfg.tracking
     if not t.tracking_uri:
         t.tracking_uri = f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
@@ -241,8 +249,6 @@ def resolve_defaults(cfg: Config) -> Config:
     ):
         if not ok:
             raise UserError(f"{name}={value!r} is invalid; allowed: {allowed}", field=name)
-    if not t.run_name:
-        t.run_name = f"{cfg.loss.name}-{cfg.model.name}-{cfg.run_key()}"
     return cfg
 
 

@@ -96,6 +96,7 @@ def source_dataset(opts: PredictOptions, label_names: list[str], image_size: int
         from .data.manifest import Manifest
 
         manifest = Manifest.load(opts.data)
+        manifest.verify()
         if manifest.label_names != label_names:
             raise UserError(
                 f"data {opts.data}: label set differs from the model's "

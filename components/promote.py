@@ -73,12 +73,15 @@ def decide(
             f"{(champ_sha or 'unknown')[:12]}; their mAPs are not comparable (force it, with a reason, to override)"
         )
     champ_map = float(champion.tags.get("val_mAP", "nan"))
-    if candidate_map >= champ_map + margin:
+    # Strictly better: a tie is no reason to move the alias (and a rerun of the same model ties).
+    if candidate_map > champ_map + margin:
         return Decision(
-            CHAMPION, f"val mAP {candidate_map:.4f} >= champion v{champion.version} {champ_map:.4f} + margin {margin}"
+            CHAMPION,
+            f"val mAP {candidate_map:.4f} beats champion v{champion.version} {champ_map:.4f} + margin {margin}",
         )
     return Decision(
-        CHALLENGER, f"val mAP {candidate_map:.4f} < champion v{champion.version} {champ_map:.4f} + margin {margin}"
+        CHALLENGER,
+        f"val mAP {candidate_map:.4f} does not beat champion v{champion.version} {champ_map:.4f} + margin {margin}",
     )
 
 
@@ -114,7 +117,19 @@ def promote(opts: PromoteOptions) -> dict:
         )
     cand_map, cand_sha = metrics[METRIC], tags["ralflow.dataset_sha256"]
     registry = ModelRegistry(uri)
+    # Idempotent: a run is registered once; promoting it again decides again for that version.
+    existing = registry.version_of_run(opts.model_name, run.info.run_id)
     champion = registry.alias_version(opts.model_name, CHAMPION)
+    if existing is not None and champion is not None and champion.version == existing.version:
+        return {
+            "already": True,
+            "version": int(existing.version),
+            "alias": CHAMPION,
+            "run_id": run.info.run_id,
+            "reason": f"run {run.info.run_id} is already version {existing.version}, the champion",
+            "val_mAP": cand_map,
+            "previous_champion": int(champion.version),
+        }
     decision = decide(cand_map, cand_sha, champion, opts.margin, opts.force, opts.reason)
     loss_params = {k[len("loss.params.") :]: v for k, v in params.items() if k.startswith("loss.params.")}
     lineage = {
@@ -135,12 +150,17 @@ def promote(opts: PromoteOptions) -> dict:
     }
     if opts.force:
         lineage["promotion.forced_reason"] = opts.reason.strip()
-    version = registry.register(opts.model_name, run.info.run_id, lineage)
+    if existing is None:
+        version = registry.register(opts.model_name, run.info.run_id, lineage)
+    else:
+        version = int(existing.version)
+        registry.set_tags(opts.model_name, version, {k: v for k, v in lineage.items() if k.startswith("promotion.")})
     registry.set_alias(opts.model_name, decision.alias, version)
     return {
+        "already": existing is not None,
         "version": version,
         "alias": decision.alias,
-        "reason": decision.reason,
+        "reason": (f"already version {version}; " if existing is not None else "") + decision.reason,
         "run_id": run.info.run_id,
         "val_mAP": cand_map,
         "previous_champion": None if champion is None else int(champion.version),

@@ -4,6 +4,7 @@ knows how ralflow starts and configures Ray."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # Ray kills idle task workers after 1 s by default, so each epoch's Ray Data tasks would start new
@@ -38,17 +39,34 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
         return
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
-    if address:
-        ray.init(address=address, **quiet)
-        log(f"ray: connected to cluster at {address}")
-        return
-    start_local_ray(num_cpus, **quiet)
+    with own_sigterm_handler():
+        if address:
+            ray.init(address=address, **quiet)
+            log(f"ray: connected to cluster at {address}")
+            return
+        start_local_ray(num_cpus, **quiet)
     _embedded = True
     use_all_local_cpus_for_data()
     log(
         f"ray: started a local Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs, "
         f"dashboard {os.environ['RAY_ADDRESS']})"
     )
+
+
+@contextlib.contextmanager
+def own_sigterm_handler():
+    """Keep the caller's SIGTERM handler: ``ray.init`` installs one that exits the driver at once
+    (``sys.exit(15)``), before the runs in progress can be closed."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 def start_local_ray(num_cpus: int | None = None, **kwargs) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-WORKFLOWS = ("prepare", "train", "tune", "promote", "predict", "synth", "run")
+WORKFLOWS = ("prepare", "verify", "train", "tune", "promote", "predict", "synth", "run")
 EXCLUDES = [
     ".venv/",
     ".git/",

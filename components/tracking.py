@@ -96,8 +96,11 @@ class TrackedRun:
         return self._client
 
     @classmethod
-    def open(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict | None = None) -> TrackedRun:
-        """The run carrying ``run_name`` (resumed, status back to RUNNING), else a new one."""
+    def open(
+        cls, tracking_uri: str, experiment: str, run_name: str, tags: dict | None = None, identity: dict | None = None
+    ) -> TrackedRun:
+        """The run carrying ``run_name`` (resumed, status back to RUNNING), else a new one. A run to
+        resume must carry the same ``identity`` tags where it has them (else nothing is touched)."""
         c = client(tracking_uri)
         exp_id = experiment_id(c, experiment)
         found = c.search_runs(
@@ -108,6 +111,14 @@ class TrackedRun:
         )
         if found:
             run_id = found[0].info.run_id
+            for key, value in (identity or {}).items():
+                before = found[0].data.tags.get(key)
+                if before is not None and before != str(value):
+                    raise UserError(
+                        f"tracking.run_name {run_name}: MLflow run {run_id} has {key}={before}, not {value}; "
+                        "resume it with the same dataset and storage_path, or give another run_name",
+                        field="tracking.run_name",
+                    )
             if found[0].info.status != "RUNNING":
                 c.update_run(run_id, status="RUNNING")
             return cls(tracking_uri, run_id, resumed=True)
@@ -222,6 +233,9 @@ class ModelRegistry:
     def __init__(self, tracking_uri: str) -> None:
         import mlflow
 
+        # The registry store resolves a version's source (models:/<logged model id>) through the
+        # process-wide tracking URI, not through this client's.
+        mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
         self.tracking_uri = tracking_uri
         self.client = client(tracking_uri)
@@ -235,17 +249,36 @@ class ModelRegistry:
         except MlflowException:
             return None
 
+    def version_of_run(self, name: str, run_id: str):
+        """The version of ``name`` already registered from ``run_id``, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        except MlflowException:  # no such registered model yet
+            return None
+        return min(found, key=lambda v: int(v.version)) if found else None
+
     def register(self, name: str, run_id: str, tags: dict) -> int:
         """A new version of ``name`` from the run's logged model; returns its number."""
-        import mlflow
         from mlflow.exceptions import MlflowException
 
         try:
             self.client.get_registered_model(name)
         except MlflowException:
             self.client.create_registered_model(name, description="ralflow chest X-ray classifier")
-        mlflow.set_tracking_uri(self.tracking_uri)
-        return int(mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags).version)
+        run = self.client.get_run(run_id)
+        (model,) = self.client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=1
+        )
+        version = self.client.create_model_version(
+            name, source=f"models:/{model.model_id}", run_id=run_id, tags=tags, model_id=model.model_id
+        )
+        return int(version.version)
+
+    def set_tags(self, name: str, version: int, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, str(version), k, str(v))
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         self.client.set_registered_model_alias(name, alias, str(version))

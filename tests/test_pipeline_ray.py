@@ -40,6 +40,7 @@ def test_run_then_predict_from_champion(tmp_path, cli, ray_address):
         timeout=1500,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    assert "already exists" not in r.stdout + r.stderr  # a first promote in a fresh store says nothing of the kind
     for needle in (
         "[1/5]",
         "[5/5]",

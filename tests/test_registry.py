@@ -16,6 +16,11 @@ LABELS = [f"c{i}" for i in range(3)]
 
 
 def promote(uri, model_name, **kwargs):
+    import tempfile
+
+    # As in a fresh process: MLflow's process-wide tracking URI is not this store (logging the
+    # models above set it); promote must work from its own settings alone.
+    mlflow.set_tracking_uri(f"file:{tempfile.mkdtemp(prefix='ralflow-elsewhere-')}")
     return promote_options(PromoteOptions(model_name, tracking_uri=uri, **kwargs))
 
 
@@ -65,22 +70,34 @@ def test_promotion_gate_cases(store):
     assert (out["version"], out["alias"], out["run_id"]) == (1, "champion", first)
     assert "first version" in out["reason"]
 
+    out = promote(uri, "cxr", run_id=first)  # the same run again: says which version it is
+    assert (out["version"], out["alias"], out["already"]) == (1, "champion", True) and "already version 1" in out[
+        "reason"
+    ]
+
     worse = make_run(0.38)
     out = promote(uri, "cxr", run_id=worse)
-    assert (out["version"], out["alias"]) == (2, "challenger") and "0.3800 < champion v1 0.4000" in out["reason"]
+    assert (out["version"], out["alias"]) == (2, "challenger") and "0.3800 does not beat champion v1 0.4000" in out[
+        "reason"
+    ]
+    tie = make_run(0.40)
+    out = promote(uri, "cxr", run_id=tie)  # a tie is not an improvement
+    assert (out["version"], out["alias"]) == (3, "challenger")
     assert int(c.get_model_version_by_alias("cxr", "champion").version) == 1
 
     better = make_run(0.41)
     out = promote(uri, "cxr", run_id=better, margin=0.02)  # better, but not by the margin
-    assert out["alias"] == "challenger"
-    out = promote(uri, "cxr", run_id=better, margin=0.005)
-    assert (out["version"], out["alias"]) == (4, "champion")
+    assert (out["version"], out["alias"]) == (4, "challenger")
+    out = promote(uri, "cxr", run_id=better, margin=0.005)  # decided again, for the same version
+    assert (out["version"], out["alias"], out["already"]) == (4, "champion", True)
+    assert len(c.search_model_versions("name = 'cxr'")) == 4  # no run registered twice
 
     with pytest.raises(UserError, match="force needs a reason"):
         promote(uri, "cxr", run_id=worse, force=True)
     out = promote(uri, "cxr", run_id=worse, force=True, reason="rollback: v4 fails on portable films")
     v = c.get_model_version("cxr", str(out["version"]))
-    assert out["alias"] == "champion" and v.tags["promotion.forced_reason"] == "rollback: v4 fails on portable films"
+    assert (out["version"], out["alias"]) == (2, "champion")  # the run's version, not a new one
+    assert v.tags["promotion.forced_reason"] == "rollback: v4 fails on portable films"
 
     other = make_run(0.9, sha="b" * 64)
     with pytest.raises(UserError, match="refused: the candidate was validated on dataset bbbbbbbbbbbb"):

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import time
 
 import mlflow
 import numpy as np
 import pytest
+
+from .conftest import RALFLOW
 
 pytestmark = pytest.mark.ray
 
@@ -140,3 +145,72 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
         json.loads(open(c.download_artifacts(run_id, "dataset/manifest.json", str(tmp_path))).read())["dataset_sha256"]
         == manifest.dataset_sha256
     )
+
+
+@pytest.mark.parametrize(
+    "sig,code,word,reason",
+    [(signal.SIGTERM, 143, "terminated", "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted", "interrupted")],
+)
+def test_a_signal_ends_the_run_killed_saying_so(tiny_dataset, tmp_path, ray_address, sig, code, word, reason):
+    """SIGTERM (ray job stop, a scheduler) and Ctrl-C end training with the run KILLED and why,
+    and the command says so with the conventional exit code."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--model",
+        "resnet10t",
+        "--epochs",
+        "30",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "1",
+        "--image-size",
+        "32",
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--address",
+        ray_address,
+    ]
+    with open(tmp_path / "out.log", "w") as out:
+        proc = subprocess.Popen([RALFLOW, *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True)
+    c, deadline, run_id = mlflow.MlflowClient(uri), time.monotonic() + 300, None
+    while time.monotonic() < deadline and proc.poll() is None:  # until the first epoch is logged
+        time.sleep(2)
+        try:
+            runs = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])
+        except Exception:  # the store is still being created
+            continue
+        if runs and c.get_metric_history(runs[0].info.run_id, "val_mAP"):
+            run_id = runs[0].info.run_id
+            break
+    assert run_id, (tmp_path / "out.log").read_text()[-3000:]
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == code, (tmp_path / "out.log").read_text()[-3000:]
+    assert f"ralflow train: {word}" in (tmp_path / "out.log").read_text()
+    run = c.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["ralflow.end_reason"] == reason
+
+
+def test_a_run_too_big_for_the_embedded_ray_is_refused_before_it_starts(tiny_dataset, tmp_path, cli):
+    r = cli(
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--num-workers",
+        "1",
+        "--cpus-per-worker",
+        "64",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "on this machine; lower them" in r.stderr.strip().splitlines()[-1]
+    assert "(flag --cpus-per-worker)" in r.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run was opened

@@ -53,14 +53,17 @@ def test_yaml_then_flags_override_typed_defaults(tmp_path):
     assert cfg.loss.params == {"gamma_neg": 2, "clip": 0.1}  # merged
     assert cfg.train.num_workers == 2  # typed default
     assert cfg.tracking.tracking_uri.startswith("sqlite:///") and cfg.tracking.tracking_uri.endswith("mlflow.db")
-    assert cfg.tracking.run_name == load_config(str(y), overrides_from_args(*flags)).tracking.run_name  # stable
+    again = load_config(str(y), overrides_from_args(*flags))
+    assert cfg.default_run_name("a" * 64) == again.default_run_name("a" * 64)  # stable
 
 
 def test_run_name_changes_with_what_defines_the_run(tmp_path):
     a = load_config(None, {"loss": {"name": "ral"}})
     b = load_config(None, {"loss": {"name": "ral", "params": {"lamb": 2.0}}})
     c = load_config(None, {"loss": {"name": "ral"}, "tracking": {"experiment": "other"}})
-    assert a.tracking.run_name != b.tracking.run_name and a.tracking.run_name == c.tracking.run_name
+    name = lambda cfg, sha="a" * 64: cfg.default_run_name(sha)  # noqa: E731
+    assert name(a) != name(b) and name(a) == name(c)  # the config, not where it is tracked
+    assert name(a) != name(a, "b" * 64)  # a dataset rebuilt in the same folder is another run
 
 
 @pytest.mark.parametrize(
@@ -208,7 +211,9 @@ def test_a_tune_trial_applies_the_embedded_ray_data_setting_before_building_its_
     class Stop(Exception):
         pass
 
-    def open_run(cfg, manifest, say, extra_tags):  # the step before the trial builds its trainer and datasets
+    def open_run(
+        cfg, manifest, say, extra_tags, storage_dir
+    ):  # the step before the trial builds its trainer and datasets
         seen["reservation"] = DataContext.get_current().op_resource_reservation_enabled
         seen["run_name"] = cfg.tracking.run_name
         seen["lamb"] = cfg.loss.params["lamb"]

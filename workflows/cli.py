@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import traceback
 
@@ -26,6 +27,7 @@ COMMANDS = {
     "demo": "workflows.demo",
     "synth": "workflows.synth",
     "prepare": "workflows.prepare",
+    "verify": "workflows.verify",
     "train": "workflows.train",
     "tune": "workflows.tune",
     "promote": "workflows.promote",
@@ -56,9 +58,20 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*python_model.*CloudPickle.*")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a scheduler, ``kill``), raised like Ctrl-C so that every run
+    in progress is closed as KILLED on the way out."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated("terminated (SIGTERM)")
+
+
 def execute(module, args: argparse.Namespace, prog: str) -> int:
-    """Run a workflow; user mistakes become a one-line message on stderr and exit code 2."""
+    """Run a workflow; user mistakes become a one-line message on stderr and exit code 2; Ctrl-C
+    and SIGTERM end it saying so, with 130 and 143."""
     quiet_libraries()
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return int(module.run(args) or 0)
     except (UserError, FileNotFoundError, PermissionError, ValueError) as exc:  # ValueError: bad values
@@ -66,6 +79,9 @@ def execute(module, args: argparse.Namespace, prog: str) -> int:
         if os.environ.get("RALFLOW_DEBUG"):
             traceback.print_exc()
         return 2
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -23,9 +23,8 @@ def run(args) -> int:
     from components.promote import PromoteOptions, promote
 
     out = promote(PromoteOptions(**dataclass_values(args, PromoteOptions)))
-    print(
-        f"registered {args.model_name} version {out['version']} from run {out['run_id']} (val mAP {out['val_mAP']:.4f})"
-    )
+    done = "already registered as" if out["already"] else "registered"
+    print(f"{done} {args.model_name} version {out['version']} from run {out['run_id']} (val mAP {out['val_mAP']:.4f})")
     print(f"alias: {out['alias']} ({out['reason']})")
     return 0
 

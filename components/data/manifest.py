@@ -9,6 +9,7 @@ frequency; ``dataset_sha256`` identifies the content (labels + shard checksums).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,18 @@ from ..errors import UserError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+VERIFIED = ".verified.json"  # shards whose SHA-256 was checked, by size and modification time
+
+
+def dataset_checksum(label_names: list[str], shard_sha256s: list[str]) -> str:
+    """A dataset's identity: its label names and its shards' checksums."""
+    return hashlib.sha256(json.dumps([list(label_names), list(shard_sha256s)]).encode()).hexdigest()
+
+
+def _filesystem(path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,50 @@ class Manifest:
         """Each label's frequency group, in label order."""
         return [self.groups[n] for n in self.label_names]
 
+    def verify(self, full: bool = False) -> int:
+        """Check that the dataset is what its manifest says, before any training on it: the
+        checksum against the shard list, each shard's SHA-256 (once per file version: a local
+        dataset remembers the shards it checked in ``.verified.json``; ``full`` checks all again),
+        the label width and the image size. Returns how many shards were hashed now."""
+        where = f"{self.root}/{MANIFEST}"
+        if dataset_checksum(self.label_names, [s.sha256 for s in self.shards]) != self.dataset_sha256:
+            raise UserError(
+                f"{where}: dataset_sha256 does not match its label names and shard checksums (edited?); "
+                "prepare the dataset again"
+            )
+        local = "://" not in self.root
+        cache = {} if full or not local else (read_json_object(Path(self.root) / VERIFIED) or {})
+        hashed = 0
+        for shard in self.shards:
+            path = f"{self.root.rstrip('/')}/{shard.path}"
+            fs, inner = _filesystem(path)
+            info = fs.get_file_info(inner)
+            if info.size is None:
+                raise UserError(f"{path}: shard listed in {MANIFEST} is missing; prepare the dataset again")
+            stamp = [info.size, info.mtime_ns, shard.sha256]
+            if cache.get(shard.path) == stamp:
+                continue
+            h = hashlib.sha256()
+            with fs.open_input_stream(inner) as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            if h.hexdigest() != shard.sha256:
+                raise UserError(
+                    f"{path}: its SHA-256 differs from {MANIFEST} (the file changed or is corrupt); "
+                    "prepare the dataset again"
+                )
+            cache[shard.path] = stamp
+            hashed += 1
+        if local and hashed:
+            try:
+                tmp = Path(self.root) / f".{VERIFIED}.tmp"
+                tmp.write_text(json.dumps(cache))
+                os.replace(tmp, Path(self.root) / VERIFIED)
+            except OSError:  # a read-only dataset: verified again next time
+                pass
+        self.check_shards()
+        return hashed
+
     def check_shards(self) -> None:
         """Cheap consistency check (one shard per split, its schema only): the shards' label
         vectors have one value per label name."""
@@ -122,6 +179,24 @@ class Manifest:
                     f"{path}: labels have {width} values but {MANIFEST} lists {len(self.label_names)} label names; "
                     "prepare the dataset again"
                 )
+        self._check_image_size()
+
+    def _check_image_size(self) -> None:
+        import io
+
+        import pyarrow.parquet as pq
+        from PIL import Image
+
+        path = self.shard_paths(self.shards[0].split)[0]
+        fs, inner = _filesystem(path)
+        with fs.open_input_file(inner) as f:
+            first = pq.ParquetFile(f).read_row_group(0, columns=["image"]).column("image")[0].as_py()
+        size = Image.open(io.BytesIO(first)).size
+        if size != (self.image_size, self.image_size):
+            raise UserError(
+                f"{path}: images are {size[0]}x{size[1]} px but {MANIFEST} says image_size {self.image_size}; "
+                "prepare the dataset again"
+            )
 
     def shard_paths(self, split: str) -> list[str]:
         """Paths (or URIs) of the split's non-empty shards."""
@@ -130,3 +205,12 @@ class Manifest:
         if not paths:
             raise UserError(f"{self.root}: the prepared dataset has no '{split}' images")
         return paths
+
+
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when there is none (missing, not JSON, not an object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -27,7 +27,7 @@ from ..config import setting
 from ..errors import UserError
 from .images import RESIZE_MODES, encode_jpeg, read_or_reason
 from .labels import UNCERTAIN_POLICIES, LabelPolicy, frequency_groups
-from .manifest import MANIFEST, Manifest, ShardInfo, SplitStats
+from .manifest import MANIFEST, Manifest, ShardInfo, SplitStats, dataset_checksum, read_json_object
 from .readers import FORMATS, SourceTable, read_source
 
 STATE = ".prepare-options.json"
@@ -174,15 +174,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_json_dict(path: Path) -> dict | None:
-    """The JSON object in ``path``, or None when there is none (missing, not JSON, not an object)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def check_output_folder(out: Path, opts: PrepareOptions) -> None:
     """Before anything is read or written: ``out`` must be new, empty, or a dataset (finished or
     not) prepared from the same options. Nothing in it is touched when it is not."""
@@ -190,7 +181,7 @@ def check_output_folder(out: Path, opts: PrepareOptions) -> None:
         return
     if not out.is_dir():
         raise UserError(f"out {out} is a file, not a folder", field="out")
-    previous = read_json_dict(out / STATE) or (read_json_dict(out / MANIFEST) or {}).get("options")
+    previous = read_json_object(out / STATE) or (read_json_object(out / MANIFEST) or {}).get("options")
     if not previous:  # no options file, and no manifest of a dataset written before it existed
         if any(out.iterdir()):
             raise UserError(
@@ -241,7 +232,7 @@ def build_manifest(table: SourceTable, opts: PrepareOptions, results: list[dict]
         ShardInfo(path=res["name"], split=res["split"], num_rows=res["rows"], sha256=sha256_file(out / res["name"]))
         for res in sorted(results, key=lambda r: r["name"])
     ]
-    dataset_sha = hashlib.sha256(json.dumps([names, [s.sha256 for s in shards]]).encode()).hexdigest()
+    dataset_sha = dataset_checksum(names, [s.sha256 for s in shards])
     return Manifest(
         dataset_sha256=dataset_sha,
         label_names=names,

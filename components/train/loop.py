@@ -42,13 +42,64 @@ def autocast(parts: TrainingParts, device):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def train_epoch(parts: TrainingParts, batches, device) -> dict:
+class StallWatchdog:
+    """Says what the loop waits for when no batch has come for ``after_s`` seconds (once per
+    stall): a pipeline that cannot get a CPU, or a cluster that is still adding nodes, is then a
+    line in the log instead of silence."""
+
+    def __init__(self, after_s: float, rank: int, describe=None, say=print) -> None:
+        import threading
+
+        self.after_s, self.rank, self.say = after_s, rank, say
+        self.describe = describe or free_resources
+        self.last = time.monotonic()
+        self.warned = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ralflow-stall-watchdog", daemon=True)
+
+    def __enter__(self) -> StallWatchdog:
+        if self.after_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def batch(self) -> None:
+        self.last, self.warned = time.monotonic(), False
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.after_s / 4, 5.0)):
+            idle = time.monotonic() - self.last
+            if idle >= self.after_s and not self.warned:
+                self.warned = True
+                self.say(
+                    f"[train] worker {self.rank}: no training batch for {idle:.0f}s; waiting for Ray Data's "
+                    f"decode tasks. {self.describe()}",
+                    flush=True,
+                )
+
+
+def free_resources() -> str:
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    return (
+        "Free now: "
+        + ", ".join(f"{free.get(k, 0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU") if k in total)
+        + " (Ray Data needs a free CPU per decode task)"
+    )
+
+
+def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog | None = None) -> dict:
     """One pass over this worker's batches: loss sum, images, steps and time spent waiting."""
     from ..models.inputs import normalize
 
     loss_sum, seen, steps, data_wait = 0.0, 0, 0, 0.0
     t0 = t_wait = time.perf_counter()
     for batch in batches:
+        if watchdog:
+            watchdog.batch()
         data_wait += time.perf_counter() - t_wait  # time the loop stood waiting for this batch
         x, y, mask = normalize(batch["image"]), batch["labels"], batch["mask"]
         with autocast(parts, device):
@@ -209,7 +260,9 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         fault_drill(job, epoch, rank, world)
         t_epoch = time.perf_counter()
-        stats = train_epoch(parts, train_shard.iter_torch_batches(batch_size=batch_size, device=device), device)
+        with StallWatchdog(cfg.train.stall_warn_s, rank) as watchdog:
+            batches = train_shard.iter_torch_batches(batch_size=batch_size, device=device)
+            stats = train_epoch(parts, batches, device, watchdog)
         val: dict = {"per_class_ap": None}
         if rank == 0:  # the unwrapped module: no DDP collective while the other ranks wait
             batches = val_shard.iter_torch_batches(batch_size=batch_size, device=device)

@@ -16,16 +16,18 @@ from .loop import TrainJob, train_loop_per_worker
 
 
 def load_dataset(cfg: Config) -> Manifest:
-    """The dataset of ``cfg``, checked for training; fills ``data.image_size`` from it and builds
-    the loss and the model once, so bad settings fail here rather than in a worker."""
+    """The dataset of ``cfg``, verified and checked for training; fills ``data.image_size`` and the
+    default run name (config + dataset checksum) from it, and builds the loss and the model once,
+    so bad settings fail here rather than in a worker."""
     from .build import build_loss_for, build_model_for
 
     if not cfg.data.path:
         raise UserError("data.path is required (a folder written by `ralflow prepare`)", field="data.path")
     manifest = Manifest.load(cfg.data.path)
     manifest.split("val")
-    manifest.check_shards()
+    manifest.verify()
     cfg.data.image_size = cfg.data.image_size or manifest.image_size
+    cfg.tracking.run_name = cfg.tracking.run_name or cfg.default_run_name(manifest.dataset_sha256)
     build_loss_for(cfg, manifest)
     build_model_for(cfg, manifest)
     return manifest
@@ -43,20 +45,30 @@ def git_commit() -> str | None:
         return None
 
 
-def open_run(cfg: Config, manifest: Manifest, log=print, extra_tags: dict | None = None) -> TrackedRun:
+STORAGE_TAG = "ralflow.storage"
+
+
+def storage_dir_of(cfg: Config, storage_path: str | None = None, name: str | None = None) -> str:
+    """The run's folder in Ray Train storage: its per-epoch checkpoints."""
+    return f"{storage_path or cfg.tracking.storage_path}/{name or cfg.tracking.run_name}"
+
+
+def open_run(
+    cfg: Config, manifest: Manifest, log=print, extra_tags: dict | None = None, storage_dir: str | None = None
+) -> TrackedRun:
     """The MLflow run of this config (resumed when it exists), with params, config and manifest."""
     uri = cfg.tracking.tracking_uri
     check_tracking_uri(uri)
     log(f"[train] MLflow tracking URI: {uri}   (browse: mlflow ui --backend-store-uri {uri})")
-    log(f"[train] Ray Train storage: {cfg.tracking.storage_path}/{cfg.tracking.run_name}")
-    tags = {
-        "ralflow.dataset_sha256": manifest.dataset_sha256,
-        "ralflow.loss": cfg.loss.name,
-        "ralflow.model": cfg.model.name,
-    }
+    storage_dir = storage_dir or storage_dir_of(cfg)
+    log(f"[train] Ray Train storage: {storage_dir}")
+    # What a resumed run must agree on: a rerun that names the same run must train the same data
+    # into the same storage, or its checkpoints and its logged model would tell different stories.
+    identity = {"ralflow.dataset_sha256": manifest.dataset_sha256, STORAGE_TAG: storage_dir}
+    tags = {**identity, "ralflow.loss": cfg.loss.name, "ralflow.model": cfg.model.name}
     if commit := git_commit():
         tags["ralflow.git_commit"] = commit
-    run = TrackedRun.open(uri, cfg.tracking.experiment, cfg.tracking.run_name, {**tags, **(extra_tags or {})})
+    run = TrackedRun.open(uri, cfg.tracking.experiment, cfg.tracking.run_name, {**tags, **(extra_tags or {})}, identity)
     log(
         f"[train] MLflow run {run.run_id} ({'resumed' if run.resumed else 'new'}) "
         f"in experiment '{cfg.tracking.experiment}'"
@@ -116,7 +128,11 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
             name=name or cfg.tracking.run_name,
             storage_path=storage_path or cfg.tracking.storage_path,
             callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # A worker group that cannot start (too few resources, a node gone) is retried as
+            # often as a failed one, not forever (Ray's default for start failures).
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.train.max_failures, controller_failure_limit=cfg.train.max_failures
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="val_mAP",
@@ -133,9 +149,9 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
 def make_job(
     cfg: Config, manifest: Manifest, run: TrackedRun, storage_path: str | None = None, name: str | None = None
 ) -> TrainJob:
-    storage = storage_path or cfg.tracking.storage_path
-    storage_dir = f"{storage}/{name or cfg.tracking.run_name}"
-    drill = f"{storage_dir}/.fault-drill-done" if cfg.train.fail_at_epoch is not None and "://" not in storage else None
+    storage_dir = storage_dir_of(cfg, storage_path, name)
+    drill_on = cfg.train.fail_at_epoch is not None and "://" not in storage_dir
+    drill = f"{storage_dir}/.fault-drill-done" if drill_on else None
     return TrainJob(cfg, manifest, run, storage_dir, checkpoint_in_place=cfg.train.num_workers == 0, drill_marker=drill)
 
 
@@ -144,17 +160,46 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def fit_and_log(trainer, job: TrainJob, log=print) -> dict:
-    """Fit, then the one post-fit path: the best checkpoint's model and metrics are logged and the
-    run ends FINISHED; a failure ends it FAILED (KILLED when interrupted), with the reason."""
+def fit_interruptibly(trainer):
+    """``trainer.fit()`` where Ctrl-C and SIGTERM reach the caller as KeyboardInterrupt.
+
+    Called from the main thread, Ray Train installs its own SIGINT handler, which aborts the run
+    and exits the process without a word; from another thread (as in a Tune trial) it does not.
+    So the driver fits in a thread and waits: a signal then interrupts the wait, the run is closed
+    as KILLED, and the process ends, taking the job's Ray actors with it."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def fit_and_log(job: TrainJob, log=print, **trainer_options) -> dict:
+    """Build the trainer and fit, then the one post-fit path: the best checkpoint's model and
+    metrics are logged and the run ends FINISHED. Any failure on the way ends it FAILED (KILLED
+    when interrupted or terminated), with the reason."""
     from .checkpoints import best_checkpoint_state, prune_unregistered_checkpoints
 
     try:
-        result = trainer.fit()
+        result = fit_interruptibly(build_trainer(job, **trainer_options))
         if result.error:
             raise result.error
-    except KeyboardInterrupt:
-        job.run.finish("KILLED", "interrupted")
+    except KeyboardInterrupt as exc:
+        job.run.finish("KILLED", str(exc) or "interrupted")
         raise
     except BaseException as exc:
         job.run.finish("FAILED", f"training failed: {first_line(exc)}")
@@ -200,11 +245,49 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     from ..runtime import check_shared_path, init_ray
 
     manifest = load_dataset(cfg)
-    run = open_run(cfg, manifest, log)
     init_ray(address, log=log)
+    check_resources(cfg, log)
     check_shared_path(cfg.tracking.storage_path, "tracking.storage_path", field="tracking.storage_path")
     if cfg.tracking.tracking_uri.startswith("sqlite:///"):
         sqlite_dir = str(Path(cfg.tracking.tracking_uri[len("sqlite:///") :]).parent)
         check_shared_path(sqlite_dir, "the SQLite tracking store in", field="tracking.tracking_uri")
-    job = make_job(cfg, manifest, run)
-    return fit_and_log(build_trainer(job), job, log)
+    run = open_run(cfg, manifest, log)
+    return fit_and_log(make_job(cfg, manifest, run), log)
+
+
+def resources_needed(cfg: Config) -> dict:
+    """What one training run holds while it trains: its workers (local mode: the driver) and room
+    for at least one Ray Data decode task."""
+    workers = cfg.train.num_workers
+    need = {"CPU": workers * cfg.train.cpus_per_worker + cfg.data.map_cpus}
+    if cfg.train.use_gpu:
+        need["GPU"] = max(workers, 1)
+    return need
+
+
+def check_resources(cfg: Config, log=print) -> None:
+    """On ralflow's embedded Ray (a fixed size: nothing will be added) a run that cannot fit is
+    refused before it starts; on a cluster, which may autoscale, say what the run waits for."""
+    import ray
+
+    from ..runtime import embedded_ray
+
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in resources_needed(cfg).items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    what = ", ".join(f"{need:g} {k} (the cluster has {got:g})" for k, (need, got) in short.items())
+    t = cfg.train
+    if embedded_ray():
+        field = "train.use_gpu" if "GPU" in short else "train.cpus_per_worker"
+        raise UserError(
+            f"train.num_workers {t.num_workers} x train.cpus_per_worker {t.cpus_per_worker:g} + data.map_cpus "
+            f"{cfg.data.map_cpus:g} for Ray Data needs {what} on this machine; lower them "
+            "(Ray Data's decode tasks need a CPU the workers do not hold)",
+            field=field,
+        )
+    log(
+        f"[train] waiting for resources: the run needs {what}. An autoscaling cluster adds nodes; on a fixed-size one, "
+        f"lower the workers or their CPUs (starting is retried {t.max_failures}x, "
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S each)"
+    )

@@ -17,7 +17,7 @@ def trials_table(results, sweep: str, client, exp_id: str) -> list[dict]:
         trial_id = r.metrics.get("trial_id") or Path(r.path).name
         df = r.metrics_dataframe
         best = float(df["val_mAP"].max()) if df is not None and "val_mAP" in df else math.nan
-        epochs = int(df["training_iteration"].max()) if df is not None and "training_iteration" in df else 0
+        epochs = int(df["epoch"].max()) if df is not None and "epoch" in df else 0
         child = client.search_runs(
             [exp_id], filter_string=f"tags.`ralflow.run_name` = '{sweep}-{trial_id}'", max_results=1
         )

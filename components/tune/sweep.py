@@ -13,13 +13,22 @@ import copy
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 
 from ..config import Config, setting
 from ..data.manifest import Manifest
 from ..errors import UserError
 from ..tracking import TrackedRun, check_tracking_uri
-from ..train.trainer import build_trainer, fit_and_log, load_dataset, make_job, open_run
+from ..train.trainer import (
+    STORAGE_TAG,
+    check_resources,
+    fit_and_log,
+    load_dataset,
+    make_job,
+    open_run,
+    storage_dir_of,
+)
 from .report import trials_csv, trials_plot, trials_table
 from .space import apply_sample, load_search_space, to_tune
 
@@ -48,8 +57,8 @@ def trials_per_cluster(cfg: Config) -> int:
     return max(fit, 1)
 
 
-def sweep_name(cfg: Config, num_samples: int, space: dict) -> str:
-    key = json.dumps([cfg.run_key(), num_samples, space], sort_keys=True, default=str)
+def sweep_name(cfg: Config, num_samples: int, space: dict, dataset_sha256: str) -> str:
+    key = json.dumps([cfg.run_key(dataset_sha256), num_samples, space], sort_keys=True, default=str)
     return f"sweep-{cfg.loss.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
@@ -77,12 +86,10 @@ def make_trial_fn(
             use_all_local_cpus_for_data()
             say("ray data: embedded local Ray, decode tasks scheduled by free CPUs")
         tags = {"mlflow.parentRunId": parent_run_id, "ralflow.sweep": sweep, "ralflow.trial_id": trial_id}
-        run = open_run(cfg, manifest, say, extra_tags=tags)
-        job = make_job(cfg, manifest, run, storage_path=f"{storage}/{sweep}-trials", name=trial_id)
-        trainer = build_trainer(
-            job, callbacks=[TuneReportCallback()], storage_path=f"{storage}/{sweep}-trials", name=trial_id
-        )
-        fit_and_log(trainer, job, say)
+        trials_storage = f"{storage}/{sweep}-trials"
+        run = open_run(cfg, manifest, say, extra_tags=tags, storage_dir=storage_dir_of(cfg, trials_storage, trial_id))
+        job = make_job(cfg, manifest, run, storage_path=trials_storage, name=trial_id)
+        fit_and_log(job, say, callbacks=[TuneReportCallback()], storage_path=trials_storage, name=trial_id)
 
     return trial
 
@@ -108,7 +115,11 @@ def sweep_exists(cfg: Config, opts: SweepOptions) -> bool:
     """Whether the sweep these settings name already has state in storage (so it can resume)."""
     from ray import tune
 
-    name = opts.name or sweep_name(cfg, opts.num_samples, load_search_space(cfg.loss.name, opts.search_space))
+    if opts.name:
+        name = opts.name
+    else:
+        space = load_search_space(cfg.loss.name, opts.search_space)
+        name = sweep_name(cfg, opts.num_samples, space, Manifest.load(cfg.data.path).dataset_sha256)
     return tune.Tuner.can_restore(f"{cfg.tracking.storage_path}/{name}")
 
 
@@ -133,9 +144,11 @@ def build_tuner(cfg: Config, opts: SweepOptions, trainable, space: dict, name: s
         )
     searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=concurrent)
     # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so it can log
-    # its model; ASHA stops only the ones that fall behind at a rung.
+    # its model; ASHA stops only the ones that fall behind at a rung. Time is the trial's epoch
+    # (reported by its workers, 1-based): a trial resumed from a checkpoint keeps its count, where
+    # Tune's training_iteration would start again at 1.
     scheduler = ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epoch",
         max_t=cfg.train.epochs,
         grace_period=min(opts.grace_epochs, cfg.train.epochs),
         reduction_factor=2,
@@ -176,7 +189,7 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
     cfg.train.epochs = opts.max_epochs
     manifest = load_dataset(cfg)
     space = load_search_space(cfg.loss.name, opts.search_space)
-    name = opts.name or sweep_name(cfg, opts.num_samples, space)
+    name = opts.name or sweep_name(cfg, opts.num_samples, space, manifest.dataset_sha256)
     storage, uri = cfg.tracking.storage_path, cfg.tracking.tracking_uri
     check_tracking_uri(uri)
     tags = {
@@ -184,7 +197,8 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
         "ralflow.loss": cfg.loss.name,
         "ralflow.dataset_sha256": manifest.dataset_sha256,
     }
-    parent = TrackedRun.open(uri, cfg.tracking.experiment, name, tags)
+    identity = {"ralflow.dataset_sha256": manifest.dataset_sha256, STORAGE_TAG: f"{storage}/{name}"}
+    parent = TrackedRun.open(uri, cfg.tracking.experiment, name, {**tags, **identity}, identity)
     log(
         f"[tune] sweep '{name}': MLflow parent run {parent.run_id} ({'resumed' if parent.resumed else 'new'}); "
         f"tracking {uri}; storage {storage}/{name}"
@@ -202,6 +216,7 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
         )
 
     init_ray(address, log=log)
+    check_resources(cfg, log)
     check_shared_path(storage, "tracking.storage_path", field="tracking.storage_path")
     concurrent = min(opts.max_concurrent or trials_per_cluster(cfg), opts.num_samples)
     base = copy.deepcopy(cfg)
@@ -209,10 +224,19 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
     trial = make_trial_fn(base, manifest, parent.run_id, name, storage, local_data=embedded_ray())
     # The trial function only drives its TorchTrainer: a token CPU share; the workers ask for their own.
     tuner = build_tuner(cfg, opts, tune.with_resources(trial, {"CPU": 0.01}), space, name, concurrent, log)
+    # Tune's own SIGINT handler stops "gracefully" and returns as if the sweep had ended; ralflow
+    # lets the interrupt through instead and closes the runs (the state Tune saved resumes).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         results = tuner.fit()
-    except KeyboardInterrupt:
-        parent.finish("KILLED", "interrupted")
+    except KeyboardInterrupt as exc:
+        reason = str(exc) or "interrupted"
+        for child in parent.client.search_runs(
+            [parent.get().info.experiment_id],
+            filter_string=f"tags.`ralflow.sweep` = '{name}' and attributes.status = 'RUNNING'",
+        ):
+            TrackedRun(uri, child.info.run_id).finish("KILLED", f"sweep {reason}")
+        parent.finish("KILLED", reason)
         raise
     rows = trials_table(results, name, parent.client, parent.get().info.experiment_id)
     close_trial_runs(rows, uri)

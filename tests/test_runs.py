@@ -1,0 +1,141 @@
+"""Robust runs (issue 15), the parts that need no training: run identity, resources on a
+fixed-size Ray, manifest verification, the stall watchdog, and a crashed or interrupted run
+ending with its reason."""
+
+from __future__ import annotations
+
+import json
+import time
+import types
+
+import pytest
+
+from components.config import load_config
+from components.data.manifest import Manifest
+from components.data.prepare import PrepareOptions, prepare_dataset
+from components.errors import UserError
+from components.tracking import TrackedRun
+
+from . import formats
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    formats.cxr_lt_2023(tmp_path / "src")
+    opts = PrepareOptions("cxr-lt-2023", str(tmp_path / "src"), image_size=32, rows_per_shard=4)
+    prepare_dataset(opts, tmp_path / "data", log=lambda *_: None)
+    return tmp_path / "data"
+
+
+def test_a_resumed_run_must_have_the_same_dataset_and_storage(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    identity = {"ralflow.dataset_sha256": "a" * 64, "ralflow.storage": "/runs/r1"}
+    first = TrackedRun.open(uri, "ralflow", "r1", identity, identity)
+    first.finish("FINISHED")
+    again = TrackedRun.open(uri, "ralflow", "r1", identity, identity)  # same: resumed
+    assert again.run_id == first.run_id and again.resumed
+    again.finish("FINISHED")
+    moved = {**identity, "ralflow.storage": "/elsewhere/r1"}
+    with pytest.raises(UserError, match=r"has ralflow.storage=/runs/r1, not /elsewhere/r1; resume it with the same"):
+        TrackedRun.open(uri, "ralflow", "r1", moved, moved)
+    assert first.get().info.status == "FINISHED"  # refused before anything was touched
+
+
+def test_the_default_run_name_follows_the_dataset_content(dataset):
+    from components.train.trainer import load_dataset
+
+    cfg = load_config(None, {"data": {"path": str(dataset)}, "model": {"name": "resnet10t"}})
+    load_dataset(cfg)
+    manifest = Manifest.load(dataset)
+    assert cfg.tracking.run_name == cfg.default_run_name(manifest.dataset_sha256)
+    assert cfg.default_run_name("f" * 64) != cfg.tracking.run_name  # rebuilt data in the same folder: a new run
+
+
+def test_a_run_that_cannot_fit_the_embedded_ray_is_refused(monkeypatch):
+    import ray
+
+    import components.runtime as runtime
+    from components.train.trainer import check_resources, resources_needed
+
+    cfg = load_config(None, {"train": {"num_workers": 1, "cpus_per_worker": 2}})
+    assert resources_needed(cfg) == {"CPU": 2.5}  # the worker, and one Ray Data decode task
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(runtime, "_embedded", True)
+    with pytest.raises(UserError, match=r"needs 2.5 CPU \(the cluster has 2\) on this machine; lower them") as err:
+        check_resources(cfg)
+    assert err.value.field == "train.cpus_per_worker"
+    monkeypatch.setattr(runtime, "_embedded", False)  # a cluster may grow: say what it waits for
+    said = []
+    check_resources(cfg, said.append)
+    assert said and said[0].startswith("[train] waiting for resources: the run needs 2.5 CPU")
+    check_resources(load_config(None, {"train": {"num_workers": 1, "cpus_per_worker": 1}}), said.append)
+    assert len(said) == 1  # a run that fits says nothing
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m, d: m.update(dataset_sha256="0" * 64), "dataset_sha256 does not match"),
+        (lambda m, d: m["shards"][0].update(sha256="0" * 64), "dataset_sha256 does not match"),
+        (lambda m, d: m.update(image_size=64), "images are 32x32 px but manifest.json says image_size 64"),
+        (lambda m, d: (d / "train-00000.parquet").write_bytes(b"corrupt"), "train-00000.parquet: its SHA-256 differs"),
+    ],
+)
+def test_an_edited_manifest_or_a_corrupt_shard_is_refused(dataset, edit, match):
+    m = json.loads((dataset / "manifest.json").read_text())
+    edit(m, dataset)
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match=match):
+        Manifest.load(dataset).verify(full=True)
+
+
+def test_shards_are_hashed_once_per_version(dataset):
+    manifest = Manifest.load(dataset)
+    assert manifest.verify() == len(manifest.shards)
+    assert manifest.verify() == 0  # remembered by size and modification time
+    assert manifest.verify(full=True) == len(manifest.shards)
+    shard = dataset / manifest.shards[0].path
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")  # a new version of the file
+    with pytest.raises(UserError, match="its SHA-256 differs"):
+        manifest.verify()
+
+
+def test_the_stall_watchdog_says_what_training_waits_for():
+    from components.train.loop import StallWatchdog
+
+    said = []
+
+    def say(msg, flush=False):
+        said.append(msg)
+
+    with StallWatchdog(0.2, rank=1, describe=lambda: "Free now: 0 of 2 CPU", say=say) as dog:
+        time.sleep(0.6)
+        assert len(said) == 1  # once per stall
+        dog.batch()
+        time.sleep(0.1)
+        assert len(said) == 1  # batches are flowing again
+    assert said[0].startswith("[train] worker 1: no training batch for") and said[0].endswith("Free now: 0 of 2 CPU")
+
+
+def test_a_failed_or_interrupted_fit_ends_the_run_with_its_reason(tmp_path, monkeypatch):
+    import components.train.trainer as trainer
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for raised, status, reason in (
+        (RuntimeError("worker group failed\nmore"), "FAILED", "training failed: RuntimeError: worker group failed"),
+        (KeyboardInterrupt(), "KILLED", "interrupted"),
+    ):
+        run = TrackedRun.create(uri, "ralflow", f"r-{status}")
+
+        def build(job, raised=raised, **kw):
+            def fit():
+                raise raised
+
+            return types.SimpleNamespace(fit=fit)
+
+        monkeypatch.setattr(trainer, "build_trainer", build)
+        job = types.SimpleNamespace(run=run, storage_dir=str(tmp_path))
+        with pytest.raises(type(raised)):
+            trainer.fit_and_log(job, log=lambda *_: None)
+        got = run.get()
+        assert got.info.status == status and got.data.tags["ralflow.end_reason"] == reason
