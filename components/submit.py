@@ -133,7 +133,9 @@ def submit(
     os.environ.update(auth_env())
     from ray.job_submission import JobSubmissionClient
 
-    env_vars = {}
+    # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default, 3, is too
+    # short for a sweep to let Tune stop its trials and close their MLflow runs).
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": "30"}
     for item in env or []:
         k, sep, v = item.partition("=")
         if not sep:

@@ -125,6 +125,17 @@ class TrackedRun:
         return cls.create(tracking_uri, experiment, run_name, tags)
 
     @classmethod
+    def find(cls, tracking_uri: str, experiment: str, run_name: str) -> TrackedRun | None:
+        """The run carrying ``run_name``, untouched, or None."""
+        c = client(tracking_uri)
+        exp = c.get_experiment_by_name(experiment)
+        found = exp and c.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_name}'", max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )  # fmt: skip
+        return cls(tracking_uri, found[0].info.run_id, resumed=True) if found else None
+
+    @classmethod
     def create(cls, tracking_uri: str, experiment: str, run_name: str, tags: dict | None = None) -> TrackedRun:
         """Always a new run."""
         c = client(tracking_uri)

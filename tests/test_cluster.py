@@ -23,7 +23,7 @@ PORTS = {"RALFLOW_RAY_PORT": "6391", "RALFLOW_DASHBOARD_PORT": "8291", "RALFLOW_
 
 def bystander(state: Path) -> subprocess.Popen:
     """An unrelated process whose command line names the cluster's folder: `down` must spare it."""
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", str(state / "ray")])
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(7200)", str(state / "ray")])
 
 
 @pytest.fixture
@@ -145,3 +145,91 @@ def test_submit_to_unreachable_address_fails_fast():
     r = run_cli("submit", "--address", "http://127.0.0.1:9", "train", "--data", "x")
     assert r.returncode == 2 and time.monotonic() - t0 < 30
     assert "cannot reach the Ray cluster at http://127.0.0.1:9" in r.stderr.strip().splitlines()[-1]
+
+
+def processes(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_paused_mlflow_server_loses_nothing(local_cluster, tiny_dataset, tmp_path):
+    """The MLflow server stops answering for 30 s in the middle of a 2-node training run: the
+    workers' MLflow calls wait it out, the run finishes in the same MLflow run, every epoch logged
+    once."""
+    import signal
+
+    state, env, _ = local_cluster
+    uri, address, storage = "http://127.0.0.1:5056", "http://127.0.0.1:8291", state / "shared"
+    log = tmp_path / "submit.log"
+    args = ["submit", "--address", address, "train", "--data", str(tiny_dataset), "--model", "resnet10t",
+            "--epochs", "4", "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "0.5",
+            "--image-size", "32", "--tracking-uri", uri, "--storage-path", str(storage), "--run-name", "paused",
+            "--experiment", "faults"]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("ralflow")), *args], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    c = mlflow.MlflowClient(uri)
+    run_id, deadline = None, time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None and run_id is None:
+        time.sleep(2)
+        exp = c.get_experiment_by_name("faults")
+        runs = c.search_runs([exp.experiment_id]) if exp else []
+        if runs and c.get_metric_history(runs[0].info.run_id, "val_mAP"):
+            run_id = runs[0].info.run_id
+    assert run_id, log.read_text()[-4000:]
+    server = processes(f"mlflow.*--port {uri.rsplit(':', 1)[1]}") + processes("uvicorn.*mlflow")
+    assert server
+    for pid in server:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(30)
+    finally:
+        for pid in server:
+            os.kill(pid, signal.SIGCONT)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(run_id, "val_mAP")) == [1, 2, 3, 4]  # all there, once
+    assert [r.info.run_id for r in c.search_runs([run.info.experiment_id])] == [run_id]
+
+
+def test_a_stopped_tune_job_resumes_without_rerunning_finished_trials(local_cluster, tiny_dataset, tmp_path):
+    """`ray job stop` (SIGTERM) mid-sweep leaves no MLflow run RUNNING; `--resume` finishes the
+    sweep without running a finished trial again."""
+    state, env, _ = local_cluster
+    uri, address, storage = "http://127.0.0.1:5056", "http://127.0.0.1:8291", state / "shared"
+    sweep = ["tune", "--data", str(tiny_dataset), "--loss", "ral", "--model", "resnet10t", "--num-samples", "2",
+             "--max-epochs", "1", "--image-size", "32", "--batch-size", "32", "--num-workers", "1",
+             "--tracking-uri", uri, "--storage-path", str(storage), "--name", "cluster-sweep",
+             "--experiment", "sweeps"]  # fmt: skip
+    r = run_cli("submit", "--address", address, "--no-wait", "--job-id", "sweep-1", *sweep, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    c = mlflow.MlflowClient(uri)
+
+    def runs():
+        exp = c.get_experiment_by_name("sweeps")
+        return c.search_runs([exp.experiment_id]) if exp else []
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not any(
+        x.info.status == "FINISHED" and "ralflow.trial_id" in x.data.tags for x in runs()
+    ):
+        time.sleep(3)
+    finished = {x.info.run_id: x.info.end_time for x in runs() if x.info.status == "FINISHED"}
+    assert finished, "no trial finished in time"
+    ray_cli = str(Path(sys.executable).with_name("ray"))  # `ray job stop`: SIGTERM to the job, as users stop one
+    token_env = {**env, "RAY_AUTH_MODE": "token"}
+    stop = subprocess.run([ray_cli, "job", "stop", "--address", address, "sweep-1"], env=token_env,
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+    time.sleep(5)
+    assert [x.info.run_name for x in runs() if x.info.status == "RUNNING"] == []  # everything closed on SIGTERM
+
+    r = run_cli("submit", "--address", address, "--job-id", "sweep-2", *sweep, "--resume", env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    after = runs()
+    assert [x.info.run_name for x in after if x.info.status == "RUNNING"] == []
+    for run_id, end_time in finished.items():  # finished trials were not run again
+        assert c.get_run(run_id).info.end_time == end_time
+    (parent,) = [x for x in after if x.data.tags.get("ralflow.sweep_parent") == "true"]
+    assert parent.info.status == "FINISHED" and parent.data.params["best.run_id"]

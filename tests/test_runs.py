@@ -139,3 +139,22 @@ def test_a_failed_or_interrupted_fit_ends_the_run_with_its_reason(tmp_path, monk
             trainer.fit_and_log(job, log=lambda *_: None)
         got = run.get()
         assert got.info.status == status and got.data.tags["ralflow.end_reason"] == reason
+
+
+def test_a_stale_ray_snapshot_is_set_aside_not_fatal(tmp_path):
+    from components.train.checkpoints import RAY_SNAPSHOT, set_aside_stale_ray_snapshot
+
+    (tmp_path / "epoch-0001").mkdir()
+    snapshot = tmp_path / RAY_SNAPSHOT
+    state = {"checkpoint_results": [{"checkpoint_dir_name": "epoch-0001", "metrics": {}}],
+             "latest_checkpoint_result": {"checkpoint_dir_name": "epoch-0001", "metrics": {}}}  # fmt: skip
+    snapshot.write_text(json.dumps(state))
+    assert set_aside_stale_ray_snapshot(str(tmp_path)) is None and snapshot.exists()  # consistent: kept
+    state["checkpoint_results"].append({"checkpoint_dir_name": "epoch-0002", "metrics": {}})
+    snapshot.write_text(json.dumps(state))
+    note = set_aside_stale_ray_snapshot(str(tmp_path))
+    assert "names checkpoint folder(s) that are gone: epoch-0002" in note
+    assert not snapshot.exists() and (tmp_path / f"{RAY_SNAPSHOT}.stale").exists()
+    snapshot.write_text("{truncated")
+    assert "is unreadable" in set_aside_stale_ray_snapshot(str(tmp_path))
+    assert set_aside_stale_ray_snapshot(str(tmp_path / "no-run-yet")) is None

@@ -194,7 +194,9 @@ def test_resume_picks_the_newest_complete_checkpoint_of_this_run(tmp_path):
 
 
 @pytest.mark.parametrize("local_data", [True, False])
-def test_a_tune_trial_applies_the_embedded_ray_data_setting_before_building_its_datasets(monkeypatch, local_data):
+def test_a_tune_trial_applies_the_embedded_ray_data_setting_before_building_its_datasets(
+    monkeypatch, local_data, tmp_path
+):
     """A trial runs in its own process with Ray Data's default DataContext; on ralflow's embedded
     Ray the sweep passes on the setting `ralflow train` uses, and the trial applies it first."""
     import types
@@ -221,7 +223,7 @@ def test_a_tune_trial_applies_the_embedded_ray_data_setting_before_building_its_
 
     monkeypatch.setattr(sweep, "open_run", open_run)
     monkeypatch.setattr(ray.tune, "get_context", lambda: types.SimpleNamespace(get_trial_id=lambda: "t0001"))
-    base = load_config()
+    base = load_config(None, {"tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}})
     trial = sweep.make_trial_fn(base, None, "parent", "sweep-x", "/tmp/unused", local_data=local_data)
     with pytest.raises(Stop):
         trial({"loss.lamb": 2.0})

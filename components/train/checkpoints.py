@@ -96,3 +96,39 @@ def prune_unregistered_checkpoints(result) -> None:
     for info in checkpoint_folders(result.filesystem, root):
         if info.path.rstrip("/") not in kept:
             result.filesystem.delete_dir(info.path)
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of its checkpoints
+
+
+def set_aside_stale_ray_snapshot(storage_dir: str) -> str | None:
+    """Ray Train refuses to start a run whose snapshot is unreadable or names a checkpoint folder
+    that is gone (an epoch trained again under the same folder name, whose older copy Ray then
+    deleted). ralflow resumes from the checkpoints in storage, not from Ray's snapshot, so a stale
+    one is renamed ``.stale`` instead of failing the run. Returns what was done, or None."""
+    import json
+
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_dir)
+    path = f"{root}/{RAY_SNAPSHOT}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    try:
+        with fs.open_input_stream(path) as f:
+            state = json.loads(f.read())
+        results = [*state.get("checkpoint_results", []), *state.get("pending_training_results", [])]
+        if state.get("latest_checkpoint_result"):
+            results.append(state["latest_checkpoint_result"])
+        names = sorted({r["checkpoint_dir_name"] for r in results})
+        missing = [n for n in names if fs.get_file_info(f"{root}/{n}").type == pyarrow.fs.FileType.NotFound]
+        why = f"names checkpoint folder(s) that are gone: {', '.join(missing)}" if missing else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        why = f"is unreadable ({type(exc).__name__})"
+    if why is None:
+        return None
+    fs.move(path, f"{path}.stale")
+    return (
+        f"[train] Ray Train's run snapshot {why}; set aside as {RAY_SNAPSHOT}.stale "
+        "(resuming from the checkpoints in storage)"
+    )

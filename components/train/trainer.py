@@ -108,22 +108,13 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
         # driver as raw redraw lines and count no rows for a split. The epoch lines report
         # progress, throughput and data wait instead.
         ds.context.enable_progress_bars = False
-    workers = cfg.train.num_workers
     # Train V2 patches print() in workers to both log and tee it, so every worker line reached the
     # driver twice. Plain print keeps one copy; Ray forwards this variable to the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    resources = {"CPU": cfg.train.cpus_per_worker} if workers else None
-    if resources and cfg.train.use_gpu:
-        resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=cfg.train.placement_strategy,
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name or cfg.tracking.run_name,
             storage_path=storage_path or cfg.tracking.storage_path,
@@ -143,6 +134,22 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
         # Only training is sharded (Ray splits with equal=True, dropping rows to equalise the
         # workers); validation is scored whole by rank 0, every image exactly once.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def scaling_config(cfg: Config):
+    """Workers and the resources each holds (local mode: none, the driver trains)."""
+    import ray.train
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker} if t.num_workers else None
+    if resources and t.use_gpu:
+        resources["GPU"] = 1
+    return ray.train.ScalingConfig(
+        num_workers=t.num_workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=t.placement_strategy,
     )
 
 
@@ -192,9 +199,11 @@ def fit_and_log(job: TrainJob, log=print, **trainer_options) -> dict:
     """Build the trainer and fit, then the one post-fit path: the best checkpoint's model and
     metrics are logged and the run ends FINISHED. Any failure on the way ends it FAILED (KILLED
     when interrupted or terminated), with the reason."""
-    from .checkpoints import best_checkpoint_state, prune_unregistered_checkpoints
+    from .checkpoints import best_checkpoint_state, prune_unregistered_checkpoints, set_aside_stale_ray_snapshot
 
     try:
+        if note := set_aside_stale_ray_snapshot(job.storage_dir):
+            log(note)
         result = fit_interruptibly(build_trainer(job, **trainer_options))
         if result.error:
             raise result.error

@@ -85,6 +85,14 @@ def make_trial_fn(
         if local_data:
             use_all_local_cpus_for_data()
             say("ray data: embedded local Ray, decode tasks scheduled by free CPUs")
+        done = TrackedRun.find(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name)
+        if done is not None and done.get().info.status == "FINISHED" and done.has_model():
+            # Finished before the sweep was stopped, but after Tune last saved its state: report
+            # the result instead of reopening the run.
+            m = done.get().data.metrics
+            say(f"already finished in MLflow run {done.run_id}; not run again")
+            tune.report({"val_mAP": m.get("best_val_mAP", math.nan), "epoch": cfg.train.epochs})
+            return
         tags = {"mlflow.parentRunId": parent_run_id, "ralflow.sweep": sweep, "ralflow.trial_id": trial_id}
         trials_storage = f"{storage}/{sweep}-trials"
         run = open_run(cfg, manifest, say, extra_tags=tags, storage_dir=storage_dir_of(cfg, trials_storage, trial_id))
@@ -109,6 +117,15 @@ def close_trial_runs(rows: list[dict], tracking_uri: str) -> None:
         else:
             run.set_tags({"ralflow.stopped_early": "true"})
             run.finish("KILLED", f"stopped early by ASHA after {row['epochs']} epoch(s)")
+
+
+def close_running_trials(parent: TrackedRun, sweep: str, reason: str) -> None:
+    running = parent.client.search_runs(
+        [parent.get().info.experiment_id],
+        filter_string=f"tags.`ralflow.sweep` = '{sweep}' and attributes.status = 'RUNNING'",
+    )
+    for child in running:
+        TrackedRun(parent.tracking_uri, child.info.run_id).finish("KILLED", reason)
 
 
 def sweep_exists(cfg: Config, opts: SweepOptions) -> bool:
@@ -230,13 +247,18 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
     try:
         results = tuner.fit()
     except KeyboardInterrupt as exc:
+        import time
+
+        import ray
+
         reason = str(exc) or "interrupted"
-        for child in parent.client.search_runs(
-            [parent.get().info.experiment_id],
-            filter_string=f"tags.`ralflow.sweep` = '{name}' and attributes.status = 'RUNNING'",
-        ):
-            TrackedRun(uri, child.info.run_id).finish("KILLED", f"sweep {reason}")
+        close_running_trials(parent, name, f"sweep {reason}")
         parent.finish("KILLED", reason)
+        # A trial starting just now opens its run in its own process, after the pass above: stop
+        # the job's trials (disconnecting ends them), then close what they opened.
+        ray.shutdown()
+        time.sleep(3)
+        close_running_trials(parent, name, f"sweep {reason}")
         raise
     rows = trials_table(results, name, parent.client, parent.get().info.experiment_id)
     close_trial_runs(rows, uri)
