@@ -50,11 +50,9 @@ def best_run(c, experiment: str):
 
 
 def has_model(c, run) -> bool:
-    return bool(
-        c.search_logged_models(
-            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
-        )
-    )
+    from .tracking import logged_models
+
+    return bool(logged_models(c, run.info.experiment_id, run.info.run_id))
 
 
 def decide(

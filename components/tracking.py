@@ -68,6 +68,21 @@ def experiment_id(c, name: str) -> str:
     return exp.experiment_id
 
 
+def runs_named(c, exp_id: str, run_name: str) -> list:
+    """The newest run carrying ``run_name`` (ralflow's stable run key), as a list of at most one."""
+    return c.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_name}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def logged_models(c, exp_id: str, run_id: str) -> list:
+    """The models logged by ``run_id``."""
+    return c.search_logged_models(experiment_ids=[exp_id], filter_string=f"source_run_id = '{run_id}'")
+
+
 def _finite_metrics(metrics: dict, step: int) -> list:
     from mlflow.entities import Metric
 
@@ -102,13 +117,7 @@ class TrackedRun:
         """The run carrying ``run_name`` (resumed, status back to RUNNING), else a new one. A run to
         resume must carry the same ``identity`` tags where it has them (else nothing is touched)."""
         c = client(tracking_uri)
-        exp_id = experiment_id(c, experiment)
-        found = c.search_runs(
-            [exp_id],
-            filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_name}'",
-            max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )
+        found = runs_named(c, experiment_id(c, experiment), run_name)
         if found:
             run_id = found[0].info.run_id
             for key, value in (identity or {}).items():
@@ -129,10 +138,7 @@ class TrackedRun:
         """The run carrying ``run_name``, untouched, or None."""
         c = client(tracking_uri)
         exp = c.get_experiment_by_name(experiment)
-        found = exp and c.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_name}'", max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )  # fmt: skip
+        found = exp and runs_named(c, exp.experiment_id, run_name)
         return cls(tracking_uri, found[0].info.run_id, resumed=True) if found else None
 
     @classmethod
@@ -194,10 +200,7 @@ class TrackedRun:
                 self.log_file(p, artifact_path)
 
     def has_model(self) -> bool:
-        exp = self.get().info.experiment_id
-        return bool(
-            self.client.search_logged_models(experiment_ids=[exp], filter_string=f"source_run_id = '{self.run_id}'")
-        )
+        return bool(logged_models(self.client, self.get().info.experiment_id, self.run_id))
 
     def log_model(self, state_dict, model_name: str, in_chans: int, image_size: int, label_names) -> None:
         """The trained network as the registered-model pyfunc (``components.models.pyfunc``),
@@ -279,9 +282,7 @@ class ModelRegistry:
         except MlflowException:
             self.client.create_registered_model(name, description="ralflow chest X-ray classifier")
         run = self.client.get_run(run_id)
-        (model,) = self.client.search_logged_models(
-            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=1
-        )
+        model = logged_models(self.client, run.info.experiment_id, run_id)[0]
         version = self.client.create_model_version(
             name, source=f"models:/{model.model_id}", run_id=run_id, tags=tags, model_id=model.model_id
         )

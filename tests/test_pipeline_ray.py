@@ -60,22 +60,13 @@ def test_run_then_predict_from_champion(tmp_path, cli, ray_address):
 
     # a fresh process loads the champion by alias and scores the prepared dataset
     uri = f"sqlite:///{work / 'mlflow.db'}"
+
+    def predict_champion(*source, out):
+        return cli("predict", "--model-uri", "models:/ralflow-cxr@champion", *source, "--out", str(out),
+                   "--tracking-uri", uri, "--address", ray_address, cwd=tmp_path, timeout=600)  # fmt: skip
+
     out = tmp_path / "again.csv"
-    r = cli(
-        "predict",
-        "--model-uri",
-        "models:/ralflow-cxr@champion",
-        "--data",
-        str(work / "data"),
-        "--out",
-        str(out),
-        "--tracking-uri",
-        uri,
-        "--address",
-        ray_address,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    r = predict_champion("--data", str(work / "data"), out=out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "predict: mAP" in r.stdout
     header2, rows2 = read_submission(out)
@@ -87,21 +78,7 @@ def test_run_then_predict_from_champion(tmp_path, cli, ray_address):
     dev = list(csv.DictReader(open(work / "synth" / "development.csv")))
     os.remove(work / "synth" / dev[0]["path"])
     out3 = tmp_path / "from_csv.csv"
-    r = cli(
-        "predict",
-        "--model-uri",
-        "models:/ralflow-cxr@champion",
-        "--source",
-        str(work / "synth"),
-        "--out",
-        str(out3),
-        "--tracking-uri",
-        uri,
-        "--address",
-        ray_address,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    r = predict_champion("--source", str(work / "synth"), out=out3)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _, rows3 = read_submission(out3)
     assert len(rows3) == len(dev) - 1 and dev[0]["dicom_id"] not in {x[0] for x in rows3}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .manifest import Manifest
+from .manifest import Manifest, filesystem_for
 
 
 @dataclass(frozen=True)
@@ -193,11 +193,10 @@ def _stack(column) -> np.ndarray:
 def row_groups(paths: list[str]) -> list[dict]:
     """(shard, row group) work items; a row group holds a few hundred images."""
     import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
 
     items = []
     for path in paths:
-        filesystem, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        filesystem, inner = filesystem_for(path)
         with filesystem.open_input_file(inner) as f:
             n = pq.ParquetFile(f).metadata.num_row_groups
         items.extend({"path": path, "row_group": i} for i in range(n))
@@ -208,11 +207,10 @@ def read_row_group(batch, columns: list[str]):
     """Ray Data task body: read the listed row groups (pyarrow.fs understands URIs)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
 
     tables = []
     for path, group in zip(batch.column("path").to_pylist(), batch.column("row_group").to_pylist()):
-        filesystem, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+        filesystem, inner = filesystem_for(path)
         with filesystem.open_input_file(inner) as f:
             tables.append(pq.ParquetFile(f).read_row_group(int(group), columns=columns))
     return pa.concat_tables(tables)

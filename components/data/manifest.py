@@ -27,7 +27,8 @@ def dataset_checksum(label_names: list[str], shard_sha256s: list[str]) -> str:
     return hashlib.sha256(json.dumps([list(label_names), list(shard_sha256s)]).encode()).hexdigest()
 
 
-def _filesystem(path: str):
+def filesystem_for(path: str):
+    """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow understands."""
     import pyarrow.fs
 
     return pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
@@ -96,9 +97,7 @@ class Manifest:
     def write(self, data_dir: str | Path) -> None:
         """Write ``manifest.json`` atomically: its presence means the dataset is complete."""
         path = Path(data_dir) / MANIFEST
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=2))
 
     def split(self, name: str) -> SplitStats:
         if name not in self.splits:
@@ -132,7 +131,7 @@ class Manifest:
         hashed = 0
         for shard in self.shards:
             path = f"{self.root.rstrip('/')}/{shard.path}"
-            fs, inner = _filesystem(path)
+            fs, inner = filesystem_for(path)
             info = fs.get_file_info(inner)
             if info.size is None:
                 raise UserError(f"{path}: shard listed in {MANIFEST} is missing; prepare the dataset again")
@@ -152,9 +151,7 @@ class Manifest:
             hashed += 1
         if local and hashed:
             try:
-                tmp = Path(self.root) / f".{VERIFIED}.tmp"
-                tmp.write_text(json.dumps(cache))
-                os.replace(tmp, Path(self.root) / VERIFIED)
+                write_text_atomically(Path(self.root) / VERIFIED, json.dumps(cache))
             except OSError:  # a read-only dataset: verified again next time
                 pass
         self.check_shards()
@@ -163,12 +160,11 @@ class Manifest:
     def check_shards(self) -> None:
         """Cheap consistency check (one shard per split, its schema only): the shards' label
         vectors have one value per label name."""
-        import pyarrow.fs
         import pyarrow.parquet as pq
 
         for split in self.splits:
             path = self.shard_paths(split)[0]
-            fs, inner = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
+            fs, inner = filesystem_for(path)
             try:
                 with fs.open_input_file(inner) as f:
                     width = pq.read_schema(f).field("labels").type.list_size
@@ -188,7 +184,7 @@ class Manifest:
         from PIL import Image
 
         path = self.shard_paths(self.shards[0].split)[0]
-        fs, inner = _filesystem(path)
+        fs, inner = filesystem_for(path)
         with fs.open_input_file(inner) as f:
             first = pq.ParquetFile(f).read_row_group(0, columns=["image"]).column("image")[0].as_py()
         size = Image.open(io.BytesIO(first)).size
@@ -205,6 +201,13 @@ class Manifest:
         if not paths:
             raise UserError(f"{self.root}: the prepared dataset has no '{split}' images")
         return paths
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file renamed into place: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_json_object(path: Path) -> dict | None:

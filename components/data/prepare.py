@@ -27,7 +27,15 @@ from ..config import setting
 from ..errors import UserError
 from .images import RESIZE_MODES, encode_jpeg, read_or_reason
 from .labels import UNCERTAIN_POLICIES, LabelPolicy, frequency_groups
-from .manifest import MANIFEST, Manifest, ShardInfo, SplitStats, dataset_checksum, read_json_object
+from .manifest import (
+    MANIFEST,
+    Manifest,
+    ShardInfo,
+    SplitStats,
+    dataset_checksum,
+    read_json_object,
+    write_text_atomically,
+)
 from .readers import FORMATS, SourceTable, read_source
 
 STATE = ".prepare-options.json"
@@ -51,6 +59,11 @@ class PrepareOptions:
     tail_threshold: float = setting(0.01, help="tail class: < this training frequency")
     strict: bool = setting(False, help="fail on the first unreadable image instead of rejecting it")
     labels_csv: str | None = setting(None, help="the labels CSV under another name (e.g. Kaggle's sample_labels.csv)")
+
+    def shard_options(self) -> dict:
+        """The options that shape the shards (``strict`` only decides whether rejects fail the run):
+        a dataset resumes or is reused only with the same ones."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "strict"}
 
     def validate(self) -> None:
         checks = [
@@ -157,7 +170,7 @@ def write_shard(shard: dict, out: str, opts: PrepareOptions, num_classes: int) -
     tmp = out_dir / f".{shard['name']}.tmp"
     pq.write_table(tbl, tmp, row_group_size=opts.row_group_size, compression="zstd")
     os.replace(tmp, final)
-    _atomic_write_text(rejects_file, json.dumps({"rejects": rejects, "upscaled": upscaled}))
+    write_text_atomically(rejects_file, json.dumps({"rejects": rejects, "upscaled": upscaled}))
     return {
         "name": shard["name"],
         "split": shard["split"],
@@ -166,12 +179,6 @@ def write_shard(shard: dict, out: str, opts: PrepareOptions, num_classes: int) -
         "rejects": rejects,
         "upscaled": upscaled,
     }
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_output_folder(out: Path, opts: PrepareOptions) -> None:
@@ -188,10 +195,8 @@ def check_output_folder(out: Path, opts: PrepareOptions) -> None:
                 f"out {out} is not empty and holds no ralflow dataset; use a new or empty folder", field="out"
             )
         return
-    previous = {k: v for k, v in previous.items() if k != "strict"}
     previous["source"] = str(Path(previous.get("source", "")).expanduser().resolve())
-    current = {k: v for k, v in dataclasses.asdict(opts).items() if k != "strict"}  # strict: no effect on shards
-    if diff := {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}:
+    if diff := {k: (previous.get(k), v) for k, v in opts.shard_options().items() if previous.get(k) != v}:
         raise UserError(
             f"out {out} holds a dataset prepared with other options {diff} (old, new); use another folder", field="out"
         )
@@ -269,9 +274,7 @@ def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable 
     check_splits(table, opts)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / STATE).is_file():
-        _atomic_write_text(
-            out / STATE, json.dumps({k: v for k, v in dataclasses.asdict(opts).items() if k != "strict"})
-        )
+        write_text_atomically(out / STATE, json.dumps(opts.shard_options()))
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten at the end
     plan = plan_shards(table, opts.rows_per_shard)
     done = sum((out / s["name"]).exists() for s in plan)

@@ -35,10 +35,10 @@ class TrainJob:
     drill_marker: str | None = None  # fault drill: a file that says the drill already fired
 
 
-def autocast(parts: TrainingParts, device):
+def autocast(device, dtype):
+    """Autocast to ``dtype`` on ``device``, or full precision when ``dtype`` is None."""
     import torch
 
-    dtype = parts.autocast_dtype
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
@@ -102,7 +102,7 @@ def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog |
             watchdog.batch()
         data_wait += time.perf_counter() - t_wait  # time the loop stood waiting for this batch
         x, y, mask = normalize(batch["image"]), batch["labels"], batch["mask"]
-        with autocast(parts, device):
+        with autocast(device, parts.autocast_dtype):
             logits = parts.model(x)
         loss = parts.loss_fn(logits, y, mask=mask)  # the loss upcasts to float32 itself
         parts.optimizer.zero_grad(set_to_none=True)
@@ -134,7 +134,7 @@ def evaluate(model, batches, device, autocast_dtype):
     with torch.inference_mode():
         for batch in batches:
             x = normalize(batch["image"].to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with autocast(device, autocast_dtype):
                 logits = model(x)
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
             targets.append(batch["labels"].cpu().numpy())

@@ -86,10 +86,11 @@ def make_trial_fn(
             use_all_local_cpus_for_data()
             say("ray data: embedded local Ray, decode tasks scheduled by free CPUs")
         done = TrackedRun.find(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name)
-        if done is not None and done.get().info.status == "FINISHED" and done.has_model():
+        found = done.get() if done is not None else None
+        if found is not None and found.info.status == "FINISHED" and done.has_model():
             # Finished before the sweep was stopped, but after Tune last saved its state: report
             # the result instead of reopening the run.
-            m = done.get().data.metrics
+            m = found.data.metrics
             say(f"already finished in MLflow run {done.run_id}; not run again")
             tune.report({"val_mAP": m.get("best_val_mAP", math.nan), "epoch": cfg.train.epochs})
             return
