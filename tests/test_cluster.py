@@ -233,3 +233,42 @@ def test_a_stopped_tune_job_resumes_without_rerunning_finished_trials(local_clus
         assert c.get_run(run_id).info.end_time == end_time
     (parent,) = [x for x in after if x.data.tags.get("ralflow.sweep_parent") == "true"]
     assert parent.info.status == "FINISHED" and parent.data.params["best.run_id"]
+
+
+def test_a_lost_worker_node_leaves_a_finished_run(local_cluster, tiny_dataset, tmp_path):
+    """The worker node's raylet is killed mid-training: Ray Train restarts the group on the head,
+    whose one CPU the two workers would fill (Ray Data then never runs and the run would wait
+    forever); the driver instead continues with fewer CPUs per worker, in the same MLflow run,
+    and no epoch is logged twice."""
+    import signal
+
+    state, env, _ = local_cluster
+    uri, address, storage = "http://127.0.0.1:5056", "http://127.0.0.1:8291", state / "shared"
+    spread = tmp_path / "spread.yaml"
+    spread.write_text("train: {placement_strategy: SPREAD, stall_warn_s: 30}\n")
+    log = tmp_path / "submit.log"
+    args = ["submit", "--address", address, "train", "--data", str(tiny_dataset), "--model", "resnet10t",
+            "--epochs", "4", "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "0.5",
+            "--image-size", "32", "--config", str(spread), "--tracking-uri", uri, "--storage-path", str(storage),
+            "--run-name", "node-loss", "--experiment", "faults"]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("ralflow")), *args], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    c = mlflow.MlflowClient(uri)
+    run_id, deadline = None, time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None and run_id is None:
+        time.sleep(2)
+        exp = c.get_experiment_by_name("faults")
+        runs = c.search_runs([exp.experiment_id]) if exp else []
+        if runs and c.get_metric_history(runs[0].info.run_id, "val_mAP"):
+            run_id = runs[0].info.run_id
+    assert run_id, log.read_text()[-4000:]
+    raylets = [p for p in processes("raylet") if f"{state}/ray-w1" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(raylets) == 1, raylets
+    os.kill(raylets[0], signal.SIGKILL)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-6000:]
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED", run.data.tags
+    assert "train.cpus_per_worker 0.5 -> 0.25" in run.data.tags["ralflow.rescaled"], log.read_text()[-4000:]
+    assert sorted(m.step for m in c.get_metric_history(run_id, "val_mAP")) == [1, 2, 3, 4]  # each epoch once
+    assert [r.info.run_id for r in c.search_runs([run.info.experiment_id])] == [run_id]

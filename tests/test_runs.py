@@ -55,7 +55,7 @@ def test_a_run_that_cannot_fit_the_embedded_ray_is_refused(monkeypatch):
     import ray
 
     import components.runtime as runtime
-    from components.train.trainer import check_resources, resources_needed
+    from components.train.resources import check_resources, resources_needed
 
     cfg = load_config(None, {"train": {"num_workers": 1, "cpus_per_worker": 2}})
     assert resources_needed(cfg) == {"CPU": 2.5}  # the worker, and one Ray Data decode task
@@ -115,6 +115,77 @@ def test_the_stall_watchdog_says_what_training_waits_for():
         time.sleep(0.1)
         assert len(said) == 1  # batches are flowing again
     assert said[0].startswith("[train] worker 1: no training batch for") and said[0].endswith("Free now: 0 of 2 CPU")
+
+
+def test_the_watchdog_ends_a_worker_that_can_never_get_data():
+    from components.train.loop import StallWatchdog
+    from components.train.resources import ClusterTooSmall
+
+    said, ended = [], []
+
+    def check():
+        raise ClusterTooSmall("the cluster is now too small for this run")
+
+    say = lambda msg, flush=False: said.append(msg)  # noqa: E731
+    with StallWatchdog(0.2, rank=0, describe=lambda: "", say=say, check=check, end=ended.append):
+        time.sleep(0.6)
+    assert ended == [1] and said[-1] == "[train] worker 0 gives up waiting: the cluster is now too small for this run"
+    ended.clear()
+    with StallWatchdog(0.2, rank=0, describe=lambda: "", say=say, check=lambda: None, end=ended.append):
+        time.sleep(0.4)
+    assert ended == []  # room for data: a stall that can still end only warns
+
+
+def test_after_a_node_loss_the_workers_leave_room_for_ray_data():
+    from components.train.resources import ClusterTooSmall, check_room_for_data, cpus_per_worker_that_fit
+
+    cfg = load_config(None, {"train": {"num_workers": 2, "cpus_per_worker": 0.5}, "data": {"map_cpus": 0.5}})
+    two_nodes, one_left = {"CPU": 2.0}, {"CPU": 1.0}
+    check_room_for_data(cfg, two_nodes)
+    with pytest.raises(ClusterTooSmall, match=r"needs 1.5 CPU \(the cluster has 1\).*a node has probably left"):
+        check_room_for_data(cfg, one_left)
+    assert cpus_per_worker_that_fit(cfg, two_nodes) is None  # fits: nothing to change
+    assert cpus_per_worker_that_fit(cfg, one_left) == 0.25  # (1 - 0.5 for Ray Data) / 2 workers
+    assert cpus_per_worker_that_fit(cfg, {"CPU": 1.3}) == 0.4  # multiples of 0.05, rounded down
+    assert cpus_per_worker_that_fit(cfg, {"CPU": 0.55}) is None  # not even 0.05 each: fail, clearly
+    gpu = load_config(None, {"train": {"num_workers": 2, "use_gpu": True}})
+    assert cpus_per_worker_that_fit(gpu, {"CPU": 1.0, "GPU": 1.0}) is None  # a GPU short: fewer CPUs cannot help
+    check_room_for_data(load_config(None, {"train": {"num_workers": 0}}), {"CPU": 0.0})  # local mode: the driver
+
+
+def test_a_fit_that_failed_because_a_node_left_continues_with_fewer_cpus(tmp_path, monkeypatch):
+    import ray
+
+    import components.train.trainer as trainer
+
+    run = TrackedRun.create(f"sqlite:///{tmp_path}/mlflow.db", "ralflow", "shrunk")
+    cfg = load_config(None, {"train": {"num_workers": 2, "cpus_per_worker": 0.5}})
+    fits = []
+
+    def build(job, **kw):
+        def fit():
+            fits.append(job.cfg.train.cpus_per_worker)
+            if len(fits) == 1:
+                raise RuntimeError("worker group failed: the cluster is now too small")
+            raise KeyboardInterrupt  # the second fit ran: stop here, before the post-fit path
+
+        return types.SimpleNamespace(fit=fit)
+
+    monkeypatch.setattr(trainer, "build_trainer", build)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    said = []
+    job = trainer.TrainJob(cfg, None, run, str(tmp_path), checkpoint_in_place=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit_and_log(job, log=said.append)
+    assert fits == [0.5, 0.25] and cfg.train.cpus_per_worker == 0.5  # the caller's config is left as it was
+    assert "continuing with train.cpus_per_worker 0.5 -> 0.25" in said[-1]
+    assert "0.5 -> 0.25" in run.get().data.tags["ralflow.rescaled"]
+    fits.clear()
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # it fits: not why it failed
+    with pytest.raises(RuntimeError, match="worker group failed"):
+        trainer.fit_and_log(trainer.TrainJob(cfg, None, run, str(tmp_path), False), log=said.append)
+    assert fits == [0.5] and run.get().info.status == "FAILED"
 
 
 def test_a_failed_or_interrupted_fit_ends_the_run_with_its_reason(tmp_path, monkeypatch):

@@ -45,13 +45,16 @@ def autocast(device, dtype):
 class StallWatchdog:
     """Says what the loop waits for when no batch has come for ``after_s`` seconds (once per
     stall): a pipeline that cannot get a CPU, or a cluster that is still adding nodes, is then a
-    line in the log instead of silence."""
+    line in the log instead of silence. ``check`` is asked at each stall whether waiting can still
+    end (the cluster may have lost a node since the start); when it raises, the worker says why and
+    exits, so Ray Train restarts the group and the driver can continue on what is left."""
 
-    def __init__(self, after_s: float, rank: int, describe=None, say=print) -> None:
+    def __init__(self, after_s: float, rank: int, describe=None, say=print, check=None, end=os._exit) -> None:
         import threading
 
         self.after_s, self.rank, self.say = after_s, rank, say
         self.describe = describe or free_resources
+        self.check, self.end = check, end
         self.last = time.monotonic()
         self.warned = False
         self._stop = threading.Event()
@@ -78,6 +81,13 @@ class StallWatchdog:
                     f"decode tasks. {self.describe()}",
                     flush=True,
                 )
+                try:
+                    if self.check:
+                        self.check()
+                except Exception as exc:  # noqa: BLE001 - said, then the worker ends
+                    self.say(f"[train] worker {self.rank} gives up waiting: {exc}", flush=True)
+                    self.end(1)
+                    return
 
 
 def free_resources() -> str:
@@ -242,12 +252,14 @@ def train_loop_per_worker(config: dict) -> None:
     from ..metrics import validation_metrics
     from ..models import unwrap
     from .build import build_parts
+    from .resources import check_room_for_data
 
     job: TrainJob = config["job"]
     cfg, batch_size = job.cfg, job.cfg.train.batch_size
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
+    check_room_for_data(cfg)  # a restart after a node loss must not take the CPUs Ray Data needs
     device = ray.train.torch.get_device()
     parts = build_parts(cfg, job.manifest, device, world, prepare_model=ray.train.torch.prepare_model)
     start_epoch = restore(parts, job, device, rank)
@@ -260,7 +272,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         fault_drill(job, epoch, rank, world)
         t_epoch = time.perf_counter()
-        with StallWatchdog(cfg.train.stall_warn_s, rank) as watchdog:
+        with StallWatchdog(cfg.train.stall_warn_s, rank, check=lambda: check_room_for_data(cfg)) as watchdog:
             batches = train_shard.iter_torch_batches(batch_size=batch_size, device=device)
             stats = train_epoch(parts, batches, device, watchdog)
         val: dict = {"per_class_ap": None}

@@ -4,6 +4,7 @@ post-fit path (best checkpoint -> summary metrics, per-class artifacts, logged m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ..errors import UserError
 from ..metrics import fmt
 from ..tracking import TrackedRun, check_tracking_uri, per_class_chart, per_class_table
 from .loop import TrainJob, train_loop_per_worker
+from .resources import check_resources, cpus_per_worker_that_fit
 
 
 def load_dataset(cfg: Config) -> Manifest:
@@ -202,11 +204,19 @@ def fit_and_log(job: TrainJob, log=print, **trainer_options) -> dict:
     from .checkpoints import best_checkpoint_state, prune_unregistered_checkpoints, set_aside_stale_ray_snapshot
 
     try:
-        if note := set_aside_stale_ray_snapshot(job.storage_dir):
-            log(note)
-        result = fit_interruptibly(build_trainer(job, **trainer_options))
-        if result.error:
-            raise result.error
+        while True:
+            if note := set_aside_stale_ray_snapshot(job.storage_dir):
+                log(note)
+            try:
+                result = fit_interruptibly(build_trainer(job, **trainer_options))
+                if result.error:
+                    raise result.error
+                break
+            except Exception:
+                smaller = rescaled_after_node_loss(job, log)
+                if smaller is None:
+                    raise
+                job = smaller
     except KeyboardInterrupt as exc:
         job.run.finish("KILLED", str(exc) or "interrupted")
         raise
@@ -216,6 +226,32 @@ def fit_and_log(job: TrainJob, log=print, **trainer_options) -> dict:
     state = best_checkpoint_state(result, job.storage_dir, job.run.run_id)
     prune_unregistered_checkpoints(result)
     return log_best(job, state, log)
+
+
+def rescaled_after_node_loss(job: TrainJob, log=print) -> TrainJob | None:
+    """After a failed fit: when the cluster has shrunk (a node left) so that the workers would
+    hold every CPU left, the same job with fewer CPUs per worker, resuming from its newest
+    checkpoint in the same MLflow run; None when that is not why it failed or nothing would fit."""
+    import copy
+
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    have = ray.cluster_resources()
+    cpus = cpus_per_worker_that_fit(job.cfg, have)
+    if cpus is None:
+        return None
+    before = job.cfg.train.cpus_per_worker
+    cfg = copy.deepcopy(job.cfg)
+    cfg.train.cpus_per_worker = cpus
+    note = (
+        f"the cluster shrank to {have.get('CPU', 0):g} CPU (a node left): continuing with train.cpus_per_worker "
+        f"{before:g} -> {cpus:g}, leaving {cfg.data.map_cpus:g} for Ray Data"
+    )
+    log(f"[train] {note}")
+    job.run.set_tags({"ralflow.rescaled": note})
+    return dataclasses.replace(job, cfg=cfg)
 
 
 def log_best(job: TrainJob, state: dict, log=print) -> dict:
@@ -262,41 +298,3 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
         check_shared_path(sqlite_dir, "the SQLite tracking store in", field="tracking.tracking_uri")
     run = open_run(cfg, manifest, log)
     return fit_and_log(make_job(cfg, manifest, run), log)
-
-
-def resources_needed(cfg: Config) -> dict:
-    """What one training run holds while it trains: its workers (local mode: the driver) and room
-    for at least one Ray Data decode task."""
-    workers = cfg.train.num_workers
-    need = {"CPU": workers * cfg.train.cpus_per_worker + cfg.data.map_cpus}
-    if cfg.train.use_gpu:
-        need["GPU"] = max(workers, 1)
-    return need
-
-
-def check_resources(cfg: Config, log=print) -> None:
-    """On ralflow's embedded Ray (a fixed size: nothing will be added) a run that cannot fit is
-    refused before it starts; on a cluster, which may autoscale, say what the run waits for."""
-    import ray
-
-    from ..runtime import embedded_ray
-
-    have = ray.cluster_resources()
-    short = {k: (v, have.get(k, 0.0)) for k, v in resources_needed(cfg).items() if v > have.get(k, 0.0) + 1e-9}
-    if not short:
-        return
-    what = ", ".join(f"{need:g} {k} (the cluster has {got:g})" for k, (need, got) in short.items())
-    t = cfg.train
-    if embedded_ray():
-        field = "train.use_gpu" if "GPU" in short else "train.cpus_per_worker"
-        raise UserError(
-            f"train.num_workers {t.num_workers} x train.cpus_per_worker {t.cpus_per_worker:g} + data.map_cpus "
-            f"{cfg.data.map_cpus:g} for Ray Data needs {what} on this machine; lower them "
-            "(Ray Data's decode tasks need a CPU the workers do not hold)",
-            field=field,
-        )
-    log(
-        f"[train] waiting for resources: the run needs {what}. An autoscaling cluster adds nodes; on a fixed-size one, "
-        f"lower the workers or their CPUs (starting is retried {t.max_failures}x, "
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S each)"
-    )

@@ -22,13 +22,13 @@ from ..errors import UserError
 from ..tracking import TrackedRun, check_tracking_uri
 from ..train.trainer import (
     STORAGE_TAG,
-    check_resources,
     fit_and_log,
     load_dataset,
     make_job,
     open_run,
     storage_dir_of,
 )
+from ..train.resources import check_resources
 from .report import trials_csv, trials_plot, trials_table
 from .space import apply_sample, load_search_space, to_tune
 
