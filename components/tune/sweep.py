@@ -20,6 +20,7 @@ from ..config import Config, setting
 from ..data.manifest import Manifest
 from ..errors import UserError
 from ..tracking import TrackedRun, check_tracking_uri
+from ..train.resources import check_resources
 from ..train.trainer import (
     STORAGE_TAG,
     fit_and_log,
@@ -28,7 +29,6 @@ from ..train.trainer import (
     open_run,
     storage_dir_of,
 )
-from ..train.resources import check_resources
 from .report import trials_csv, trials_plot, trials_table
 from .space import apply_sample, load_search_space, to_tune
 
