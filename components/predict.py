@@ -43,7 +43,10 @@ class Predictor:
 
     def __call__(self, batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k != "image"}
-        out["probs"] = np.asarray(self.model.predict(np.asarray(batch["image"])), dtype=np.float32)
+        import pandas as pd
+
+        images = pd.DataFrame({"image": list(batch["image"])})  # the registered model's input: one image per row
+        out["probs"] = np.asarray(self.model.predict(images), dtype=np.float32)
         return out
 
 

@@ -202,16 +202,23 @@ class TrackedRun:
     def has_model(self) -> bool:
         return bool(logged_models(self.client, self.get().info.experiment_id, self.run_id))
 
-    def log_model(self, state_dict, model_name: str, in_chans: int, image_size: int, label_names) -> None:
-        """The trained network as the registered-model pyfunc (``components.models.pyfunc``),
-        with its signature, an input example and ralflow's metadata."""
+    def log_model(
+        self, state_dict, model_name: str, in_chans: int, image_size: int, label_names, card: str | None = None
+    ) -> None:
+        """The trained network as the registered-model pyfunc: a model from code
+        (``components/models/pyfunc.py``) with the ``components`` package beside it, pinned pip
+        requirements, its signature, a PNG input example, ralflow's metadata and the model card."""
+        import io
         import json
+        import shutil
 
         import mlflow
         import numpy as np
+        import pandas as pd
         import torch
+        from PIL import Image
 
-        from .models.pyfunc import ChestXrayClassifier, signature
+        from .models import pyfunc
 
         mlflow.set_tracking_uri(self.tracking_uri)
         with tempfile.TemporaryDirectory() as tmp:
@@ -224,15 +231,28 @@ class TrackedRun:
                 "label_names": list(label_names),
             }
             spec.write_text(json.dumps(meta))
+            artifacts = {"weights": str(weights), "spec": str(spec)}
+            if card:
+                (Path(tmp) / "model_card.md").write_text(card)
+                artifacts["model_card"] = str(Path(tmp) / "model_card.md")
+            package = Path(tmp) / "components"
+            shutil.copytree(Path(__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            example = io.BytesIO()
+            side = max(image_size, 64)  # a film-sized example: any size is resized by the model
+            Image.fromarray(np.full((side, side), 128, np.uint8), mode="L").save(example, format="PNG")
             with mlflow.start_run(run_id=self.run_id):
                 mlflow.pyfunc.log_model(
                     name="model",
-                    python_model=ChestXrayClassifier(),
-                    artifacts={"weights": str(weights), "spec": str(spec)},
-                    signature=signature(in_chans, len(label_names)),
-                    input_example=np.zeros((1, in_chans, image_size, image_size), dtype=np.uint8),
-                    metadata={"label_names": list(label_names), "image_size": image_size, "in_chans": in_chans},
+                    python_model=pyfunc.__file__,
+                    artifacts=artifacts,
+                    code_paths=[str(package)],
+                    pip_requirements=model_requirements(),
+                    signature=pyfunc.signature(len(label_names)),
+                    input_example=pd.DataFrame({pyfunc.INPUT_COLUMN: [example.getvalue()]}),
+                    metadata=meta,
                 )
+            if card:
+                self.log_file(Path(tmp) / "model_card.md")
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """End the run as FINISHED, FAILED or KILLED, recording why when there is a reason."""
@@ -294,6 +314,19 @@ class ModelRegistry:
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         self.client.set_registered_model_alias(name, alias, str(version))
+
+
+def model_requirements() -> list[str]:
+    """What the registered model needs to load, pinned to the versions it was trained with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pillow", "pydicom"):
+        try:
+            out.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(dist)
+    return out
 
 
 def per_class_table(label_names, ap, counts, groups) -> str:

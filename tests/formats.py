@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from components.data.images import encode_dicom
 from components.data.labels import CHEXPERT, CXR_LT_2023_COUNTS, CXR_LT_2024
 
 
@@ -16,6 +17,22 @@ def write_image(path: Path, size=(64, 80), value=120, fmt="JPEG", seed=0) -> Pat
     arr = (np.random.default_rng(seed).random((size[1], size[0])) * 60 + value).astype(np.uint8)
     Image.fromarray(arr, mode="L").save(path, format=fmt)
     return path
+
+
+dicom_bytes = encode_dicom  # the tests' DICOM files are written as ralflow writes them
+
+
+def write_dicom(path: Path, pixels: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(dicom_bytes(pixels, **kw))
+    return path
+
+
+def film12(shape=(64, 80), seed=0) -> np.ndarray:
+    """12-bit pixel values (0..4095) with structure: a gradient and noise."""
+    h, w = shape
+    grad = np.linspace(0, 3000, w)[None, :] + np.linspace(0, 1000, h)[:, None]
+    return (grad + np.random.default_rng(seed).random(shape) * 95).astype(np.uint16)
 
 
 def write_csv(path: Path, header, rows, trailing_comma=False) -> Path:
@@ -31,8 +48,9 @@ def write_csv(path: Path, header, rows, trailing_comma=False) -> Path:
     return path
 
 
-def cxr_lt_2023(root: Path, n_train=6, n_dev=3, extra_meta=True, shuffle_labels=True) -> dict:
-    """Label columns deliberately out of the canonical order: readers must go by name."""
+def cxr_lt_2023(root: Path, n_train=6, n_dev=3, extra_meta=True, shuffle_labels=True, as_dicom=False) -> dict:
+    """Label columns deliberately out of the canonical order: readers must go by name. ``as_dicom``:
+    the images are 12-bit DICOM files (alternately MONOCHROME1 and 2) and the CSV points at them."""
     labels = list(CXR_LT_2023_COUNTS)
     order = labels[::-1] if shuffle_labels else labels
     meta = ["dicom_id", "subject_id", "study_id", "ViewPosition", "path"] + (
@@ -43,8 +61,13 @@ def cxr_lt_2023(root: Path, n_train=6, n_dev=3, extra_meta=True, shuffle_labels=
         rows = []
         for i in range(n):
             subj, study, dicom = 10000000 + offset + i // 2, 50000000 + offset + i, f"d{offset + i:04d}"
-            rel = f"files/p{str(subj)[:2]}/p{subj}/s{study}/{dicom}.jpg"
-            write_image(root / rel, seed=offset + i)
+            rel = f"files/p{str(subj)[:2]}/p{subj}/s{study}/{dicom}.{'dcm' if as_dicom else 'jpg'}"
+            if as_dicom:
+                film = film12(seed=offset + i)
+                inverted = i % 2 == 1
+                write_dicom(root / rel, 4095 - film if inverted else film, photometric=f"MONOCHROME{2 - inverted}")
+            else:
+                write_image(root / rel, seed=offset + i)
             y = {name: int((i + k) % 5 == 0) for k, name in enumerate(labels)}
             truth[dicom] = [float(y[name]) for name in labels]
             rows.append(

@@ -7,6 +7,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,7 @@ def test_cluster_yaml_parses_and_ray_pins_agree():
         "rayjob-tune.yaml",
         "aws.yaml",
         "mlflow-server.yaml",
+        "rayservice.yaml",
     }
     version = pinned_ray()
     seen = 0
@@ -68,3 +70,26 @@ def test_every_cluster_recipe_keeps_idle_workers_like_local_ray():
         text = (ROOT / rel).read_text()
         found = re.findall(rf'{key}\\?"?:\s*(\d+)', text)
         assert found == [str(value)], f"{rel}: {key} = {found}, want [{value}]"
+
+
+def test_the_rayservice_builds_the_serve_app_from_known_settings(monkeypatch):
+    import dataclasses
+    import importlib
+
+    import components.serve as serve_module
+    from components.errors import UserError
+
+    svc = yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())
+    assert svc["kind"] == "RayService"
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    module, name = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert set(app["args"]) <= {f.name for f in dataclasses.fields(serve_module.ServeOptions)}
+    built = []
+    monkeypatch.setattr(serve_module, "build_app", lambda opts, uri, gpu: built.append((opts, uri, gpu)))
+    builder({**app["args"], "replicas": "2", "gpu": "false", "refresh_s": "5"})  # `serve run` passes strings
+    opts, uri, gpu = built[0]
+    assert (opts.replicas, opts.max_replicas, opts.refresh_s, gpu) == (2, 4, 5.0, False)
+    assert uri == "http://mlflow.mlflow.svc.cluster.local:5000"
+    with pytest.raises(UserError, match="unknown serve settings: replica"):
+        builder({"model_name": "x", "replica": 2})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from components import tracking
@@ -113,8 +114,8 @@ def test_promotion_gate_cases(store):
     # uint8 pixels of any size (it resizes and normalises them itself)
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/cxr@champion")
-    assert model.predict(np.zeros((2, 1, 16, 16), "uint8")).shape == (2, 3)
-    assert model.predict(np.zeros((2, 1, 40, 24), "uint8")).shape == (2, 3)
+    images = [np.zeros((1, 16, 16), "uint8"), np.zeros((40, 64), "uint8")]
+    assert model.predict(pd.DataFrame({"image": images})).shape == (2, 3)
 
 
 def test_promote_cli_errors_are_one_line(cli, tmp_path):

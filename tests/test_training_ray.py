@@ -11,6 +11,7 @@ import time
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from .conftest import RALFLOW
@@ -134,13 +135,16 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     assert model.metadata.metadata["label_names"] == manifest.label_names
     probs, targets = [], []
     for batch in build_ray_dataset(manifest, "val", 40, None).iter_batches(batch_size=64):
-        probs.append(model.predict(batch["image"]))
+        probs.append(model.predict(pd.DataFrame({"image": list(batch["image"])})))
         targets.append(batch["labels"])
     probs, targets = np.concatenate(probs), np.concatenate(targets)
     assert probs.shape == (n_val, 26) and ((probs >= 0) & (probs <= 1)).all()
     assert multilabel_metrics(probs, targets)["mAP"] == pytest.approx(best, abs=1e-5)
     arts = {a.path for a in c.list_artifacts(run_id, "evaluation")}
     assert arts == {"evaluation/per_class_ap.csv", "evaluation/per_class_ap.png"}
+    card = open(c.download_artifacts(run_id, "model_card.md", str(tmp_path))).read()  # also in the model
+    assert manifest.dataset_sha256 in card and "## Intended use and limits" in card
+    assert f"| {manifest.label_names[0]} | " in card and f"best epoch {run.data.metrics['best_epoch']:.0f}" in card
     assert (
         json.loads(open(c.download_artifacts(run_id, "dataset/manifest.json", str(tmp_path))).read())["dataset_sha256"]
         == manifest.dataset_sha256

@@ -32,6 +32,7 @@ COMMANDS = {
     "tune": "workflows.tune",
     "promote": "workflows.promote",
     "predict": "workflows.predict",
+    "serve": "workflows.serve",
     "run": "workflows.run",
     "submit": "workflows.submit",
 }

@@ -289,7 +289,7 @@ def _index_images(root: Path) -> dict[str, str]:
             continue
         seen.add(real)
         for f in files:
-            if f.lower().endswith((".png", ".jpg", ".jpeg")):
+            if f.lower().endswith((".png", ".jpg", ".jpeg", ".dcm")):
                 out.setdefault(f, os.path.relpath(os.path.join(dirpath, f), root))
     return out
 

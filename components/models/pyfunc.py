@@ -1,8 +1,16 @@
-"""The registered model: an MLflow pyfunc mapping uint8 images to per-class probabilities.
+"""The registered model: an MLflow pyfunc, logged as a *model from code* (this file is the model's
+code; no pickled class), with the ``components`` package beside it, so it loads wherever its pip
+requirements are installed, with or without ralflow.
 
-It owns its input contract (``components.models.inputs``): callers pass raw 8-bit pixels, of
-any size, and the model resizes and normalises them as training did. ``label_names`` in the
-model's metadata give the output columns' order.
+Its input is a table with one column, ``image``: each value is an image file's bytes (PNG, JPEG
+or DICOM) or a uint8 pixel array (H, W) or (1, H, W) of any size. The model decodes, resizes and
+normalises them itself, exactly as ``ralflow prepare`` and ``ralflow predict`` do (one input
+contract: ``components.data.images`` and ``components.models.inputs``). The output has one row of
+per-class probabilities per image, in the order of the ``label_names`` in the model's metadata.
+An image that cannot be used raises ``ImageRejected`` naming the row and the reason.
+
+Over REST (``mlflow models serve``): ``{"dataframe_split": {"columns": ["image"], "data":
+[["<base64 of the file>"]]}}``.
 """
 
 from __future__ import annotations
@@ -10,19 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow.models
+import mlflow.pyfunc
 import numpy as np
 
-try:
-    import mlflow.pyfunc as _pyfunc
-
-    _PythonModel = _pyfunc.PythonModel
-except Exception:  # pragma: no cover - mlflow is a dependency; keep imports of this module cheap
-    _PythonModel = object
+INPUT_COLUMN = "image"
 
 
-class ChestXrayClassifier(_PythonModel):
-    """pyfunc: uint8 images (N, H, W) or (N, C_in, H, W), any size -> (N, classes) probabilities."""
-
+class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
     # The logged signature describes the input; this skips MLflow's type-hint based wrapping of
     # predict and its warning about missing hints.
     _skip_type_hint_validation = True
@@ -30,7 +33,7 @@ class ChestXrayClassifier(_PythonModel):
     def load_context(self, context):
         import torch
 
-        from . import build_model
+        from components.models import build_model
 
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
         self.label_names = spec["label_names"]
@@ -42,21 +45,59 @@ class ChestXrayClassifier(_PythonModel):
         self.model.to(self.device)
 
     def predict(self, context, model_input, params=None):
+        pixels = decode_column(images_of(model_input), self.image_size)
+        return self.predict_pixels(pixels)
+
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, S, S) uint8 at the model's image size -> (N, classes) float32 probabilities."""
         import torch
 
-        from .inputs import to_model_input
+        from components.models.inputs import to_model_input
 
-        x = to_model_input(np.asarray(model_input), self.image_size, self.in_chans, self.device)
+        if not len(pixels):
+            return np.zeros((0, len(self.label_names)), np.float32)
+        x = to_model_input(pixels, self.image_size, self.in_chans, self.device)
         with torch.inference_mode():
             return torch.sigmoid(self.model(x).float()).cpu().numpy()
 
 
-def signature(in_chans: int, num_classes: int):
-    """uint8 images of any height and width in, float32 probabilities out."""
+def images_of(model_input) -> list:
+    """The ``image`` column of a DataFrame, a dict or a list of values."""
+    if isinstance(model_input, dict) or hasattr(model_input, "columns"):
+        if INPUT_COLUMN not in model_input:
+            raise ValueError(f"the model's input needs an {INPUT_COLUMN!r} column (image bytes or uint8 arrays)")
+        return list(model_input[INPUT_COLUMN])
+    return list(model_input)
+
+
+def decode_column(values, size: int) -> np.ndarray:
+    """Image bytes or uint8 arrays -> (N, size, size) uint8, as prepare and predict read them."""
+    from components.data.images import ImageRejected, read_or_reason, square_gray8
+
+    out = np.empty((len(values), size, size), np.uint8)
+    for row, value in enumerate(values):
+        if isinstance(value, bytes | bytearray | memoryview):
+            image, why = read_or_reason(bytes(value), size)
+            if image is None:
+                raise ImageRejected(f"row {row}: {why}")
+            out[row] = np.asarray(image, np.uint8)
+        else:
+            try:
+                out[row] = square_gray8(value, size)
+            except ImageRejected as exc:
+                raise ImageRejected(f"row {row}: {exc}") from None
+    return out
+
+
+def signature(num_classes: int):
+    """One binary column (image files' bytes; uint8 arrays pass too), float32 probabilities out."""
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, in_chans, -1, -1))]),
+        inputs=Schema([ColSpec("binary", INPUT_COLUMN)]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
     )
+
+
+mlflow.models.set_model(ChestXrayClassifier())

@@ -258,6 +258,8 @@ def log_best(job: TrainJob, state: dict, log=print) -> dict:
     """Log the best epoch's model, summary metrics and per-class AP artifacts; close the run."""
     import tempfile
 
+    from ..models.card import model_card
+
     cfg, manifest, run = job.cfg, job.manifest, job.run
     names, counts, groups = manifest.label_names, manifest.class_counts("train"), manifest.group_list()
     best = {f"best_{k}": v for k, v in state["metrics"].items() if k.startswith("val_")}
@@ -271,7 +273,26 @@ def log_best(job: TrainJob, state: dict, log=print) -> dict:
         run.log_file(Path(tmp) / "per_class_ap.png", "evaluation")
     run.log_files({"per_class_ap.csv": per_class_table(names, ap, counts, groups)}, "evaluation")
     if not run.has_model():
-        run.log_model(state["model"], cfg.model.name, cfg.model.in_chans, cfg.data.image_size, names)
+        card = model_card(
+            model_name=cfg.model.name,
+            loss=cfg.loss.name,
+            run_id=run.run_id,
+            dataset={
+                "source": manifest.source.get("root", ""),
+                "format": manifest.source.get("format", ""),
+                "dataset_sha256": manifest.dataset_sha256,
+                "num_train": manifest.split("train").num_images,
+                "num_val": manifest.split("val").num_images,
+            },
+            label_names=names,
+            groups=groups,
+            train_counts=counts,
+            per_class_ap=ap,
+            metrics=m,
+            epoch=state["epoch"] + 1,
+            image_size=cfg.data.image_size,
+        )
+        run.log_model(state["model"], cfg.model.name, cfg.model.in_chans, cfg.data.image_size, names, card)
     run.finish("FINISHED")
     if restarts := run.restarts():  # after a worker failure or a rerun of the same run name
         log(

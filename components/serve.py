@@ -1,0 +1,237 @@
+"""``ralflow serve``: the registered champion behind HTTP, on Ray Serve.
+
+``POST /predict`` with an image file as the body (PNG, JPEG or DICOM; ``curl --data-binary
+@film.dcm``) answers ``{"model", "version", "findings": {label: probability}}``; an image that
+cannot be used answers 422 with the reason, and the service keeps serving. ``GET /health``
+names the version being served. Each replica batches concurrent requests (``serve.batch``) and
+follows the alias: when ``champion`` moves to another version, replicas load it within
+``refresh_s`` seconds, without a restart. The model does its own decoding, resizing and
+normalisation (``components.models.pyfunc``), so this module only moves bytes and JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from ray import serve
+
+from .config import setting
+from .errors import UserError
+
+log_ = logging.getLogger("ralflow.serve")
+
+
+@dataclass
+class ServeOptions:
+    model_name: str = setting(help="registered model to serve")
+    alias: str = setting("champion", help="registry alias to serve (followed as it moves)")
+    tracking_uri: str | None = setting(None, help="MLflow tracking/registry URI (default sqlite:///<cwd>/mlflow.db)")
+    host: str = setting("127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    port: int = setting(8000, help="HTTP port")
+    route_prefix: str = setting("/", help="URL prefix of the application")
+    replicas: int = setting(1, help="replicas (the minimum when --max-replicas is larger: autoscaling)")
+    max_replicas: int | None = setting(None, help="autoscale between --replicas and this many replicas")
+    cpus_per_replica: float = setting(1.0, help="CPUs each replica holds")
+    gpu: bool | None = setting(None, help="a GPU per replica (default: when the cluster has GPUs)")
+    max_batch_size: int = setting(16, help="concurrent requests scored in one model call")
+    batch_wait_ms: float = setting(10.0, help="how long a replica waits to fill a batch")
+    refresh_s: float = setting(30.0, help="how often replicas check where the alias points")
+    detach: bool = setting(False, help="deploy and return (on a cluster); default: serve until Ctrl-C")
+
+
+class ChampionService:
+    """One Serve replica: the model the alias points at, re-resolved every ``refresh_s``."""
+
+    def __init__(self, opts: ServeOptions, tracking_uri: str) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        self.opts = opts
+        self.client = mlflow.MlflowClient(tracking_uri, tracking_uri)
+        self.current = self._load(self._alias_version())
+        self.score.set_max_batch_size(opts.max_batch_size)
+        self.score.set_batch_wait_timeout_s(opts.batch_wait_ms / 1000)
+        self._stop = threading.Event()
+        threading.Thread(target=self._follow_alias, name="ralflow-alias", daemon=True).start()
+
+    def _alias_version(self) -> str:
+        return str(self.client.get_model_version_by_alias(self.opts.model_name, self.opts.alias).version)
+
+    def _load(self, version: str) -> dict:
+        import mlflow
+
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{self.opts.model_name}/{version}")
+        model = pyfunc.unwrap_python_model()
+        return {"version": version, "model": model, "labels": list(model.label_names), "size": model.image_size}
+
+    def _follow_alias(self) -> None:
+        while not self._stop.wait(self.opts.refresh_s):
+            try:
+                version = self._alias_version()
+                if version != self.current["version"]:
+                    log_.warning("alias %s moved to version %s: loading it", self.opts.alias, version)
+                    self.current = self._load(version)  # one assignment: requests see old or new
+            except Exception as exc:  # noqa: BLE001 - a registry blip: keep serving what is loaded
+                log_.warning("could not check alias %s: %s", self.opts.alias, exc)
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse
+
+        path = request.url.path.rstrip("/").rsplit("/", 1)[-1]
+        current = self.current
+        if request.method == "GET" and path in ("health", "healthz"):
+            return JSONResponse(
+                {"status": "ok", "model": self.opts.model_name, "alias": self.opts.alias, "version": current["version"]}
+            )
+        if request.method != "POST" or path not in ("predict", ""):
+            return JSONResponse({"error": "POST an image file to /predict, or GET /health"}, status_code=404)
+        body = await request.body()
+        if not body:
+            return JSONResponse({"error": "empty request body: POST the image file's bytes"}, status_code=400)
+        from components.data.images import ImageRejected
+        from components.models.pyfunc import decode_column
+
+        try:
+            pixels = (await asyncio.to_thread(decode_column, [body], current["size"]))[0]
+        except ImageRejected as exc:
+            return JSONResponse({"error": str(exc).removeprefix("row 0: ")}, status_code=422)
+        probs, served = await self.score((pixels, current))
+        return JSONResponse(
+            {
+                "model": self.opts.model_name,
+                "version": served["version"],
+                "findings": {name: round(float(p), 6) for name, p in zip(served["labels"], probs)},
+            }
+        )
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def score(self, items: list) -> list:
+        """Concurrent requests in one model call (grouped by the version they were decoded for)."""
+        import numpy as np
+
+        out: list = [None] * len(items)
+        by_version: dict = {}
+        for i, (_, model) in enumerate(items):
+            by_version.setdefault(model["version"], (model, []))[1].append(i)
+        for model, rows in by_version.values():
+            batch = np.stack([items[i][0] for i in rows])
+            probs = await asyncio.to_thread(model["model"].predict_pixels, batch)
+            for i, p in zip(rows, probs):
+                out[i] = (p, model)
+        return out
+
+
+def check_model(opts: ServeOptions, uri: str) -> str:
+    """The version the alias points at now; a clear error when the model or alias is missing."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri, uri)
+    try:
+        return str(client.get_model_version_by_alias(opts.model_name, opts.alias).version)
+    except Exception as exc:  # noqa: BLE001 - unknown name or alias: say which
+        raise UserError(
+            f"model_name {opts.model_name}@{opts.alias} is not in the registry at {uri} "
+            f"({str(exc).splitlines()[0][:200]}); promote a run first (`ralflow promote`)",
+            field="model_name",
+        ) from None
+
+
+def build_app(opts: ServeOptions, uri: str, use_gpu: bool):
+    scaling: dict = {"num_replicas": opts.replicas}
+    if opts.max_replicas and opts.max_replicas > opts.replicas:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": opts.replicas,
+                "max_replicas": opts.max_replicas,
+                "target_ongoing_requests": max(2, opts.max_batch_size // 2),
+            }
+        }
+    deployment = serve.deployment(
+        ChampionService,
+        name="champion",
+        ray_actor_options={"num_cpus": opts.cpus_per_replica, "num_gpus": 1 if use_gpu else 0},
+        max_ongoing_requests=max(8, 2 * opts.max_batch_size),
+        **scaling,
+    )
+    return deployment.bind(opts, uri)
+
+
+def app_from_args(args: dict):
+    """A Ray Serve application builder, for ``serve run components.serve:app_from_args
+    model_name=cxr tracking_uri=...`` and KubeRay's RayService (``import_path`` with ``args``):
+    the same application as ``ralflow serve``, from ``ServeOptions`` given by name."""
+    import dataclasses
+
+    import ray
+
+    fields = {f.name: f for f in dataclasses.fields(ServeOptions)}
+    unknown = sorted(set(args) - set(fields))
+    if unknown:
+        raise UserError(f"unknown serve settings: {', '.join(unknown)}; known: {', '.join(fields)}")
+    values = {}
+    for key, value in args.items():
+        kind = str(fields[key].type).split(" |")[0]
+        if isinstance(value, str) and kind in ("int", "float"):
+            value = {"int": int, "float": float}[kind](value)
+        elif isinstance(value, str) and kind == "bool":
+            value = value.strip().lower() in ("1", "true", "yes", "on")
+        values[key] = value
+    opts = ServeOptions(**values)
+    uri = opts.tracking_uri or resolve_tracking_uri()
+    use_gpu = opts.gpu if opts.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    return build_app(opts, uri, use_gpu)
+
+
+def resolve_tracking_uri() -> str:
+    from .config import Config, resolve_defaults
+
+    return resolve_defaults(Config()).tracking.tracking_uri
+
+
+def serve_champion(opts: ServeOptions, address: str | None = None, log=print, ready=None) -> dict:
+    """Deploy the service; serve until interrupted (or return at once with ``detach``)."""
+    import ray
+
+    from .runtime import embedded_ray, init_ray
+    from .tracking import check_tracking_uri
+
+    for name, value, ok in (
+        ("replicas", opts.replicas, opts.replicas >= 1),
+        ("max_batch_size", opts.max_batch_size, opts.max_batch_size >= 1),
+        ("refresh_s", opts.refresh_s, opts.refresh_s > 0),
+        ("port", opts.port, 0 < opts.port < 65536),
+    ):
+        if not ok:
+            raise UserError(f"{name}={value} is invalid", field=name)
+    uri = opts.tracking_uri or resolve_tracking_uri()
+    check_tracking_uri(uri)
+    version = check_model(opts, uri)
+    init_ray(address, log=log)
+    if opts.detach and embedded_ray():
+        raise UserError("detach needs a Ray cluster (--address or RAY_ADDRESS): local Ray ends with this process")
+    use_gpu = opts.gpu if opts.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    serve.start(http_options={"host": opts.host, "port": opts.port})
+    serve.run(build_app(opts, uri, use_gpu), name="ralflow", route_prefix=opts.route_prefix, blocking=False)
+    url = f"http://{opts.host}:{opts.port}{opts.route_prefix.rstrip('/')}"
+    log(
+        f"serve: {opts.model_name}@{opts.alias} (version {version}) at {url}/predict "
+        f"({opts.replicas}{'-' + str(opts.max_replicas) if opts.max_replicas else ''} replica(s), "
+        f"{'GPU' if use_gpu else 'CPU'}); health: {url}/health"
+    )
+    log(f"serve: try  curl --data-binary @film.dcm {url}/predict")
+    out = {"url": url, "version": version}
+    if ready:
+        ready(out)
+    if opts.detach:
+        return out
+    try:
+        while True:
+            time.sleep(1)
+    finally:
+        log("serve: shutting down")
+        serve.shutdown()

@@ -1,0 +1,235 @@
+"""Serve the champion (issue 14): the registered model is self-contained (loads in a fresh process
+from its own code and takes PNG/JPEG/DICOM bytes or uint8 pixels of any size, with the same
+probabilities as `ralflow predict`), `mlflow models serve` and `ralflow serve` answer real HTTP
+requests with real image files, serve follows a newly promoted champion, and a broken DICOM gets
+a 4xx with its reason while the service keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.data.labels import CXR_LT_2023_COUNTS
+
+from . import formats
+from .conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.ray
+
+LABELS = list(CXR_LT_2023_COUNTS)
+SIZE = 40
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Two logged models (different weights); the first registered as ``cxr@champion``."""
+    import torch
+
+    from components.models import build_model
+    from components.tracking import ModelRegistry, TrackedRun
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        run = TrackedRun.create(uri, "serving", f"model-{seed}")
+        run.log_model(build_model("resnet10t", len(LABELS), 1).state_dict(), "resnet10t", 1, SIZE, LABELS, "# card")
+        run.finish()
+        runs.append(run.run_id)
+    registry = ModelRegistry(uri)
+    registry.set_alias("cxr", "champion", registry.register("cxr", runs[0], {}))
+    return uri, runs
+
+
+@pytest.fixture(scope="module")
+def dicom_source(tmp_path_factory):
+    """A CXR-LT 2023 layout whose CSV paths point at 12-bit DICOM files, MONOCHROME1 and 2."""
+    root = tmp_path_factory.mktemp("dicom") / "src"
+    formats.cxr_lt_2023(root, as_dicom=True)
+    with open(root / "development.csv") as f:
+        files = {row["dicom_id"]: root / row["path"] for row in csv.DictReader(f)}
+    return root, files
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_submission(path: Path) -> dict[str, np.ndarray]:
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["dicom_id", *LABELS]
+    return {r[0]: np.array([float(v) for v in r[1:]]) for r in rows[1:]}
+
+
+FRESH_PROCESS = """
+import io, json, sys
+import mlflow, numpy as np, pandas as pd
+from PIL import Image
+
+uri, files = sys.argv[1], json.loads(sys.argv[2])
+mlflow.set_tracking_uri(uri)
+model = mlflow.pyfunc.load_model("models:/cxr@champion")
+from components.data.images import load_gray  # now importable: the model's own copy of the package
+
+out = {}
+for dicom_id, path in files.items():
+    data = open(path, "rb").read()
+    gray = np.asarray(load_gray(data))  # the film as 8-bit pixels, 64x80: not the model's size
+    png = io.BytesIO()
+    Image.fromarray(gray, mode="L").save(png, format="PNG")
+    table = pd.DataFrame({"image": [data, png.getvalue(), gray]})  # DICOM bytes, PNG bytes, pixels
+    out[dicom_id] = model.predict(table).tolist()
+print(json.dumps({"probs": out, "components": sys.modules["components"].__file__}))
+"""
+
+
+def test_the_registered_model_loads_alone_and_matches_predict(registry, dicom_source, ray_address, tmp_path):
+    uri, _ = registry
+    root, files = dicom_source
+    out = tmp_path / "submission.csv"
+    r = run_cli("predict", "--address", ray_address, "--model-uri", "models:/cxr@champion", "--source", str(root),
+                "--tracking-uri", uri, "--out", str(out), "--actors", "1")  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    predicted = read_submission(out)
+    assert set(predicted) == set(files)
+
+    # A fresh process whose Python path has no ralflow: the model brings its own code.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_PROCESS)
+    r = subprocess.run([sys.executable, str(script), uri, json.dumps({k: str(v) for k, v in files.items()})],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    fresh = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "/code/components/" in fresh["components"]  # imported from the model's own copy
+    for dicom_id, (from_dicom, from_png, from_pixels) in fresh["probs"].items():
+        assert np.allclose(from_dicom, predicted[dicom_id], atol=2e-6)  # predict writes 6 decimals
+        assert np.array_equal(from_dicom, from_png) and np.array_equal(from_dicom, from_pixels)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: bytes, content_type="application/octet-stream"):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer in {timeout}s: {log.read_text()[-4000:]}")
+
+
+def test_mlflow_models_serve_answers_a_rest_request_with_an_image(registry, dicom_source, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    uri, _ = registry
+    _, files = dicom_source
+    port, log = free_port(), tmp_path / "mlflow-serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/cxr@champion",
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", proc, log)
+        data = next(iter(files.values())).read_bytes()
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(data).decode()]]}}
+        status, answer = post(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(), "application/json")
+        assert status == 200, answer
+        mlflow.set_tracking_uri(uri)
+        local = mlflow.pyfunc.load_model("models:/cxr@champion").predict(pd.DataFrame({"image": [data]}))
+        assert np.allclose(answer["predictions"], local, atol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_ralflow_serve_answers_follows_the_champion_and_survives_a_broken_dicom(
+    registry, dicom_source, ray_address, tmp_path
+):
+    import mlflow
+    import pandas as pd
+
+    from components.tracking import ModelRegistry
+
+    uri, runs = registry
+    _, files = dicom_source
+    port, log = free_port(), tmp_path / "serve.log"
+    cmd = [str(Path(sys.executable).with_name("ralflow")), "serve", "--address", ray_address, "--model-name", "cxr",
+           "--tracking-uri", uri, "--port", str(port), "--refresh-s", "1", "--cpus-per-replica", "0.5"]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/health", proc, log)
+        with urllib.request.urlopen(f"{base}/health") as resp:
+            assert json.loads(resp.read())["version"] == "1"
+        mlflow.set_tracking_uri(uri)
+        v1 = mlflow.pyfunc.load_model("models:/cxr/1")
+        films = [p.read_bytes() for p in files.values()]
+        with ThreadPoolExecutor(8) as pool:  # concurrent requests: batched by the replica
+            answers = list(pool.map(lambda b: post(f"{base}/predict", b), films * 3))
+        expected = v1.predict(pd.DataFrame({"image": films}))
+        for i, (status, answer) in enumerate(answers):
+            assert status == 200 and answer["version"] == "1", answer
+            assert list(answer["findings"]) == LABELS
+            assert np.allclose(list(answer["findings"].values()), expected[i % len(films)], atol=2e-6)
+
+        broken = formats.dicom_bytes(formats.film12(), pixel_data=False)
+        status, answer = post(f"{base}/predict", broken)
+        assert status == 422 and answer["error"] == "DICOM without pixel data (no PixelData element)"
+        status, answer = post(f"{base}/predict", b"\x89PNG\r\n\x1a\n truncated")
+        assert status == 422 and answer["error"].startswith("undecodable")
+        assert post(f"{base}/predict", films[0])[0] == 200  # still serving
+
+        registry_ = ModelRegistry(uri)  # promote another model: served without a restart
+        registry_.set_alias("cxr", "champion", registry_.register("cxr", runs[1], {}))
+        deadline = time.monotonic() + 60
+        while post(f"{base}/predict", films[0])[1]["version"] != "2":
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        v2 = mlflow.pyfunc.load_model("models:/cxr/2").predict(pd.DataFrame({"image": films[:1]}))
+        assert np.allclose(list(post(f"{base}/predict", films[0])[1]["findings"].values()), v2[0], atol=2e-6)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    assert code == 130, log.read_text()[-3000:]
+    with pytest.raises((urllib.error.URLError, OSError)):
+        urllib.request.urlopen(f"{base}/health", timeout=5)  # Serve shut down with the command
