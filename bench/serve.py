@@ -115,7 +115,7 @@ def main() -> None:
                     r = load(f"http://127.0.0.1:{port}/predict", body, a.requests, c)
                     print(f"| {batch} | {c} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} |", flush=True)
             finally:
-                proc.send_signal(2)
+                proc.terminate()  # SIGTERM: ralflow closes Serve (SIGINT may be ignored in a background job)
                 proc.wait(timeout=300)
 
 

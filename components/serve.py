@@ -6,23 +6,17 @@ cannot be used answers 422 with the reason, and the service keeps serving. ``GET
 names the version being served. Each replica batches concurrent requests (``serve.batch``) and
 follows the alias: when ``champion`` moves to another version, replicas load it within
 ``refresh_s`` seconds, without a restart. The model does its own decoding, resizing and
-normalisation (``components.models.pyfunc``), so this module only moves bytes and JSON.
+normalisation (``components.models.pyfunc``), so the replica (``serve_replica``) only moves
+bytes and JSON. This module imports no Ray at import time: ``ralflow --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import threading
 import time
 from dataclasses import dataclass
 
-from ray import serve
-
 from .config import setting
 from .errors import UserError
-
-log_ = logging.getLogger("ralflow.serve")
 
 
 @dataclass
@@ -43,89 +37,6 @@ class ServeOptions:
     detach: bool = setting(False, help="deploy and return (on a cluster); default: serve until Ctrl-C")
 
 
-class ChampionService:
-    """One Serve replica: the model the alias points at, re-resolved every ``refresh_s``."""
-
-    def __init__(self, opts: ServeOptions, tracking_uri: str) -> None:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        self.opts = opts
-        self.client = mlflow.MlflowClient(tracking_uri, tracking_uri)
-        self.current = self._load(self._alias_version())
-        self.score.set_max_batch_size(opts.max_batch_size)
-        self.score.set_batch_wait_timeout_s(opts.batch_wait_ms / 1000)
-        self._stop = threading.Event()
-        threading.Thread(target=self._follow_alias, name="ralflow-alias", daemon=True).start()
-
-    def _alias_version(self) -> str:
-        return str(self.client.get_model_version_by_alias(self.opts.model_name, self.opts.alias).version)
-
-    def _load(self, version: str) -> dict:
-        import mlflow
-
-        pyfunc = mlflow.pyfunc.load_model(f"models:/{self.opts.model_name}/{version}")
-        model = pyfunc.unwrap_python_model()
-        return {"version": version, "model": model, "labels": list(model.label_names), "size": model.image_size}
-
-    def _follow_alias(self) -> None:
-        while not self._stop.wait(self.opts.refresh_s):
-            try:
-                version = self._alias_version()
-                if version != self.current["version"]:
-                    log_.warning("alias %s moved to version %s: loading it", self.opts.alias, version)
-                    self.current = self._load(version)  # one assignment: requests see old or new
-            except Exception as exc:  # noqa: BLE001 - a registry blip: keep serving what is loaded
-                log_.warning("could not check alias %s: %s", self.opts.alias, exc)
-
-    async def __call__(self, request):
-        from starlette.responses import JSONResponse
-
-        path = request.url.path.rstrip("/").rsplit("/", 1)[-1]
-        current = self.current
-        if request.method == "GET" and path in ("health", "healthz"):
-            return JSONResponse(
-                {"status": "ok", "model": self.opts.model_name, "alias": self.opts.alias, "version": current["version"]}
-            )
-        if request.method != "POST" or path not in ("predict", ""):
-            return JSONResponse({"error": "POST an image file to /predict, or GET /health"}, status_code=404)
-        body = await request.body()
-        if not body:
-            return JSONResponse({"error": "empty request body: POST the image file's bytes"}, status_code=400)
-        from components.data.images import ImageRejected
-        from components.models.pyfunc import decode_column
-
-        try:
-            pixels = (await asyncio.to_thread(decode_column, [body], current["size"]))[0]
-        except ImageRejected as exc:
-            return JSONResponse({"error": str(exc).removeprefix("row 0: ")}, status_code=422)
-        probs, served = await self.score((pixels, current))
-        return JSONResponse(
-            {
-                "model": self.opts.model_name,
-                "version": served["version"],
-                "findings": {name: round(float(p), 6) for name, p in zip(served["labels"], probs)},
-            }
-        )
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def score(self, items: list) -> list:
-        """Concurrent requests in one model call (grouped by the version they were decoded for)."""
-        import numpy as np
-
-        out: list = [None] * len(items)
-        by_version: dict = {}
-        for i, (_, model) in enumerate(items):
-            by_version.setdefault(model["version"], (model, []))[1].append(i)
-        for model, rows in by_version.values():
-            batch = np.stack([items[i][0] for i in rows])
-            probs = await asyncio.to_thread(model["model"].predict_pixels, batch)
-            for i, p in zip(rows, probs):
-                out[i] = (p, model)
-        return out
-
-
 def check_model(opts: ServeOptions, uri: str) -> str:
     """The version the alias points at now; a clear error when the model or alias is missing."""
     import mlflow
@@ -142,6 +53,10 @@ def check_model(opts: ServeOptions, uri: str) -> str:
 
 
 def build_app(opts: ServeOptions, uri: str, use_gpu: bool):
+    from ray import serve
+
+    from .serve_replica import ChampionService
+
     scaling: dict = {"num_replicas": opts.replicas}
     if opts.max_replicas and opts.max_replicas > opts.replicas:
         scaling = {
@@ -196,6 +111,7 @@ def resolve_tracking_uri() -> str:
 def serve_champion(opts: ServeOptions, address: str | None = None, log=print, ready=None) -> dict:
     """Deploy the service; serve until interrupted (or return at once with ``detach``)."""
     import ray
+    from ray import serve
 
     from .runtime import embedded_ray, init_ray
     from .tracking import check_tracking_uri

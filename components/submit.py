@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-WORKFLOWS = ("prepare", "verify", "train", "tune", "promote", "predict", "synth", "run")
+WORKFLOWS = ("prepare", "verify", "train", "tune", "promote", "predict", "serve", "synth", "run")
 EXCLUDES = [
     ".venv/",
     ".git/",

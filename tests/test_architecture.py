@@ -15,6 +15,8 @@ from components.errors import UserError
 from components.flags import add_config_flags, config_overrides
 from workflows.cli import COMMANDS, one_line
 
+from .conftest import ROOT
+
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 
@@ -107,3 +109,14 @@ def test_drivers_only_drive_the_library():
     assert not {m for m in imported_modules(WORKFLOWS / "cli.py") if m.startswith("workflows.")}
     for path in Path(__file__).resolve().parents[1].joinpath("components").rglob("*.py"):
         assert not {m for m in imported_modules(path) if m.startswith("workflows")}, path  # the library stands alone
+
+
+def test_building_the_cli_imports_no_ray_or_mlflow():
+    """Ray reads settings such as RAY_AUTH_MODE when it is imported: `submit` sets them first, so
+    no subcommand's flags may import Ray (or MLflow) while the parser is built. Also keeps --help fast."""
+    import subprocess
+    import sys
+
+    code = "import sys, workflows.cli as c; c.build_cli_parser(); print(sorted({'ray', 'mlflow'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -4,14 +4,17 @@ shared storage path, and its model must land in the server's registry. Stops wha
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 
 from .conftest import ROOT, run_cli
@@ -138,6 +141,23 @@ def test_submit_to_two_node_cluster_with_mlflow_server(local_cluster, tiny_datas
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     mv = c.get_model_version_by_alias("cluster-cxr", "champion")
     assert mv.tags["source_run_id"] == run_id and int(mv.version) == 1
+
+    # The champion behind HTTP on the cluster: deployed by a job that returns, serving after it.
+    r = run_cli("submit", "--address", address, "serve", "--model-name", "cluster-cxr", "--tracking-uri", uri,
+                "--port", "8391", "--cpus-per-replica", "0.25", "--detach", env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    try:
+        from components.data.images import encode_dicom
+
+        film = encode_dicom(np.random.default_rng(0).integers(0, 4096, (64, 64)).astype(np.uint16))
+        request = urllib.request.Request("http://127.0.0.1:8391/predict", data=film)
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        assert answer["version"] == "1" and len(answer["findings"]) == 26
+    finally:
+        serve_cli = str(Path(sys.executable).with_name("serve"))
+        subprocess.run([serve_cli, "shutdown", "-a", address, "-y"], env={**env, "RAY_AUTH_MODE": "token"},
+                       capture_output=True, timeout=120)  # fmt: skip
 
 
 def test_submit_to_unreachable_address_fails_fast():
