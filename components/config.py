@@ -34,6 +34,8 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None =
     return field(default=default, metadata=meta)
 
 
+from .calibration import CALIBRATIONS, THRESHOLDS  # noqa: E402 - the choices live with their code
+
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -88,6 +90,12 @@ class TrainConfig:
     max_failures: int = setting(2, help="worker-group restarts from the latest checkpoint")
     fail_at_epoch: int | None = setting(None, help="fault drill: one worker exits once at this epoch")
     stall_warn_s: float = setting(120.0, help="say what training waits for when no batch came for this long")
+    calibration: str = setting(
+        "temperature", choices=CALIBRATIONS, help="calibration fitted on validation, stored with the model"
+    )
+    thresholds: str = setting(
+        "max-f1", choices=THRESHOLDS, help="per-class decision thresholds fitted on validation, stored with the model"
+    )
 
 
 @dataclass

@@ -3,13 +3,15 @@
 A field's flag is ``--field-name`` unless its metadata names another (``setting(flag=...)`` in
 ``components.config``); its help and allowed values come from the metadata too. Flags default to
 "not given" (``argparse.SUPPRESS``), so only what the user typed overrides the YAML file and
-the typed defaults. Booleans get ``--x/--no-x``; a ``dict`` field takes repeatable ``K=V``.
+the typed defaults. Booleans get ``--x/--no-x``; a ``dict`` field takes repeatable ``K=V``; a
+``list`` field is a repeatable flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 
 from .config import Config, field_type, sections
 
@@ -48,6 +50,9 @@ def add_dataclass_flags(parser, dc_type: type, dest_prefix: str = "", exclude=()
             kwargs["action"] = argparse.BooleanOptionalAction
         elif t is dict:
             kwargs.update(action="append", type=key_value, metavar="K=V")
+        elif typing.get_origin(t) is list:  # a repeatable flag
+            item = typing.get_args(t)[0]
+            kwargs.update(action="append", type=item, metavar={int: "N", float: "X"}.get(item, "TEXT"))
         else:
             kwargs["type"] = t
             if f.metadata.get("choices"):
@@ -65,7 +70,7 @@ def dataclass_values(args: argparse.Namespace, dc_type: type, dest_prefix: str =
     for f in dataclasses.fields(dc_type):
         if hasattr(args, dest_prefix + f.name):
             value = getattr(args, dest_prefix + f.name)
-            out[f.name] = dict(value) if isinstance(value, list) else value
+            out[f.name] = dict(value) if field_type(dc_type, f.name)[0] is dict else value
     return out
 
 

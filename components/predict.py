@@ -15,11 +15,18 @@ import numpy as np
 
 from .config import setting
 from .errors import UserError
+from .studies import AGGREGATES, aggregate
+
+TTA_CHOICES = ("hflip", "scale")
+ENSEMBLE_MODES = ("prob", "logit")
+SCALE_TTA = 0.875  # "scale": the centre 87.5% of the film, resized back (a 1.14x zoom)
 
 
 @dataclass
 class PredictOptions:
-    model_uri: str = setting(help="e.g. models:/ralflow-cxr@champion or runs:/<id>/model")
+    model_uri: list[str] = setting(
+        help="e.g. models:/ralflow-cxr@champion or runs:/<id>/model; repeat it for an ensemble"
+    )
     out: str = setting(help="submission CSV to write")
     data: str | None = setting(None, help="prepared dataset folder (manifest.json)")
     split: str | None = setting(None, help="split to score (default: test if present, else val)")
@@ -28,25 +35,74 @@ class PredictOptions:
     tracking_uri: str | None = setting(None, help="MLflow tracking/registry URI (default sqlite:///<cwd>/mlflow.db)")
     batch_size: int = setting(64, help="images per model call")
     actors: int | None = setting(None, help="model replicas (default: 1 per GPU, else half the CPUs)")
+    model_weight: list[float] | None = setting(None, help="one weight per --model-uri (default: equal)")
+    ensemble: str = setting("prob", choices=ENSEMBLE_MODES, help="average the models' probabilities or logits")
+    tta: str = setting("none", help="test-time augmentation, averaged with the plain image: hflip, scale or both")
+    aggregate: str = setting("none", choices=AGGREGATES, help="score each image with its study's probabilities")
+    findings: bool = setting(False, help="also write <out>.findings.csv: 0/1 per finding at the model's thresholds")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model_uri, str):
+            self.model_uri = [self.model_uri]
+
+
+def tta_views(tta: str) -> list[str]:
+    """The views each image is scored in: itself first, then the named augmentations."""
+    names = [t.strip() for t in (tta or "none").split(",") if t.strip() and t.strip() != "none"]
+    bad = sorted(set(names) - set(TTA_CHOICES))
+    if bad:
+        raise UserError(f"tta {','.join(bad)} is invalid; allowed: none or {','.join(TTA_CHOICES)}", field="tta")
+    return ["identity", *dict.fromkeys(names)]
+
+
+def tta_pixels(pixels: np.ndarray, view: str) -> np.ndarray:
+    """(N, S, S) uint8 as seen by one TTA view."""
+    if view == "identity":
+        return pixels
+    if view == "hflip":
+        return np.ascontiguousarray(pixels[..., ::-1])
+    import torch
+
+    from .data.ingest import resize_batch
+
+    size = pixels.shape[-1]
+    crop = max(1, round(size * SCALE_TTA))
+    lo = (size - crop) // 2
+    centre = torch.as_tensor(np.ascontiguousarray(pixels[:, None, lo : lo + crop, lo : lo + crop]))
+    return resize_batch(centre, size)[:, 0].numpy()
+
+
+def ensemble_probs(models, weights, views: list[str], mode: str, pixels: np.ndarray) -> np.ndarray:
+    """Each model's probabilities averaged over the TTA views, then the weighted mean over models,
+    in probability or logit space (``mode``)."""
+    from .calibration import _logit
+
+    total = np.zeros((len(pixels), len(models[0].label_names)), np.float64)
+    for model, weight in zip(models, weights):
+        per_view = [np.asarray(model.predict_pixels(tta_pixels(pixels, v)), np.float64) for v in views]
+        values = [_logit(p) for p in per_view] if mode == "logit" else per_view
+        total += weight * np.mean(values, axis=0)
+    total /= sum(weights)
+    return 1 / (1 + np.exp(-total)) if mode == "logit" else total
 
 
 class Predictor:
-    """Ray Data actor: loads the MLflow model once and scores uint8 image batches (the model
-    resizes and normalises them itself)."""
+    """Ray Data actor: loads the models once and scores uint8 image batches, every TTA view and
+    every model of the ensemble in the same pass (the models resize and normalise themselves)."""
 
-    def __init__(self, model_uri: str, tracking_uri: str) -> None:
+    def __init__(self, model_uris: list[str], tracking_uri: str, weights, views, mode: str) -> None:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
-        self.model = mlflow.pyfunc.load_model(model_uri)
+        self.models = [mlflow.pyfunc.load_model(uri).unwrap_python_model() for uri in model_uris]
+        self.weights, self.views, self.mode = weights, views, mode
 
     def __call__(self, batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k != "image"}
-        import pandas as pd
-
-        images = pd.DataFrame({"image": list(batch["image"])})  # the registered model's input: one image per row
-        out["probs"] = np.asarray(self.model.predict(images), dtype=np.float32)
+        pixels = np.asarray(batch["image"])
+        pixels = pixels[:, 0] if pixels.ndim == 4 else pixels
+        out["probs"] = ensemble_probs(self.models, self.weights, self.views, self.mode, pixels)
         return out
 
 
@@ -69,11 +125,14 @@ def load_source_batch(batch: dict, image_size: int, root: str | None = None) -> 
         "ok": np.array(ok),
         "reason": np.array(reasons, dtype=object),
         "origin": batch["origin"],
+        "study_id": batch["study_id"],
+        "view": batch["view"],
     }
 
 
-def model_info(model_uri: str, tracking_uri: str) -> tuple[list[str], int]:
-    """The model's label names and image size, from its metadata."""
+def model_info(model_uri: str, tracking_uri: str) -> dict:
+    """The model's ralflow metadata: ``label_names``, ``image_size`` and, when fitted,
+    ``thresholds`` ({label: threshold}) and ``calibration`` (the method)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -87,7 +146,7 @@ def model_info(model_uri: str, tracking_uri: str) -> tuple[list[str], int]:
         raise UserError(
             f"model_uri {model_uri}: not a ralflow model (no label_names/image_size metadata)", field="model_uri"
         )
-    return meta["label_names"], meta["image_size"]
+    return meta
 
 
 def source_dataset(opts: PredictOptions, label_names: list[str], image_size: int, log=print):
@@ -119,8 +178,10 @@ def source_dataset(opts: PredictOptions, label_names: list[str], image_size: int
         )
     split = opts.split or ("test" if "test" in table.split else "val")
     rows = [
-        {"image_id": i, "path": p, "labels": lab, "mask": m, "origin": o}
-        for i, p, lab, m, o, s in zip(table.image_id, table.path, table.labels, table.mask, table.origin, table.split)
+        {"image_id": i, "path": p, "labels": lab, "mask": m, "origin": o, "study_id": st or i, "view": v}
+        for i, p, lab, m, o, s, st, v in zip(
+            table.image_id, table.path, table.labels, table.mask, table.origin, table.split, table.study_id, table.view
+        )
         if s == split
     ]
     if not rows:
@@ -165,7 +226,20 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
         raise UserError(f"out {opts.out} is a folder; give the CSV file to write", field="out")
     uri = opts.tracking_uri or resolve_defaults(Config()).tracking.tracking_uri
     check_tracking_uri(uri)
-    label_names, image_size = model_info(opts.model_uri, uri)
+    views = tta_views(opts.tta)
+    weights = opts.model_weight or [1.0] * len(opts.model_uri)
+    if len(weights) != len(opts.model_uri) or min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(
+            f"model_weight needs one weight >= 0 per model_uri ({len(opts.model_uri)}), not all 0", field="model_weight"
+        )
+    metas = [model_info(m, uri) for m in opts.model_uri]
+    label_names, image_size = metas[0]["label_names"], metas[0]["image_size"]
+    for m, meta in zip(opts.model_uri[1:], metas[1:]):
+        if meta["label_names"] != label_names:
+            raise UserError(f"model_uri {m}: its labels differ from {opts.model_uri[0]}'s", field="model_uri")
+    thresholds = metas[0].get("thresholds")  # an ensemble decides at its first model's thresholds
+    if opts.findings and not thresholds:
+        raise UserError(f"findings: {opts.model_uri[0]} has no thresholds (train with --thresholds)", field="findings")
     init_ray(address, log=log)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # submission in dataset order
     ds, split, groups = source_dataset(opts, label_names, image_size, log)
@@ -173,27 +247,45 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
     actors = opts.actors or (gpus or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2))
     scored = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_uri": opts.model_uri, "tracking_uri": uri},
+        fn_constructor_kwargs={
+            "model_uris": opts.model_uri,
+            "tracking_uri": uri,
+            "weights": weights,
+            "views": views,
+            "mode": opts.ensemble,
+        },
         batch_size=opts.batch_size,
         batch_format="numpy",
         concurrency=actors,
         num_gpus=1 if gpus else 0,
         num_cpus=0 if gpus else 1,
     )
-    ids, probs, labels, masks, rejects = [], [], [], [], []
+    ids, probs, labels, masks, studies, image_views, rejects = [], [], [], [], [], [], []
     for batch in scored.iter_batches(batch_size=opts.batch_size, batch_format="numpy"):
         ok = batch["ok"] if "ok" in batch else np.ones(len(batch["image_id"]), bool)
         for i in np.flatnonzero(~ok):
             rejects.append([batch["origin"][i], batch["image_id"][i], batch["reason"][i]])
         ids.extend(batch["image_id"][ok].tolist())
+        studies.extend(batch["study_id"][ok].tolist())
+        image_views.extend(batch["view"][ok].tolist())
         probs.append(batch["probs"][ok])
         labels.append(batch["labels"][ok])
         masks.append(batch["mask"][ok])
-    probs, labels, masks = np.concatenate(probs), np.concatenate(labels), np.concatenate(masks)
+    image_probs, labels, masks = np.concatenate(probs), np.concatenate(labels), np.concatenate(masks)
+    probs = aggregate(image_probs, studies, image_views, opts.aggregate)  # one row per image still
     out = Path(opts.out)
     write_csv_atomically(
         out, ["dicom_id", *label_names], ([i, *[f"{v:.6f}" for v in row]] for i, row in zip(ids, probs))
     )
+    findings_file = None
+    if opts.findings:
+        from .calibration import decide
+
+        findings_file = out.with_name(out.stem + ".findings.csv")
+        cut = [thresholds[name] for name in label_names]
+        write_csv_atomically(
+            findings_file, ["dicom_id", *label_names], ([i, *row] for i, row in zip(ids, decide(probs, cut)))
+        )
     rejects_file = None
     if rejects:
         rejects_file = out.with_name(out.stem + ".rejects.csv")
@@ -202,9 +294,12 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
     if masks.sum() > 0:
         m = multilabel_metrics(probs, labels, groups, mask=masks)
         summary = {k: v for k, v in m.items() if k != "per_class_ap"}
-        run = TrackedRun.create(
-            uri, "ralflow-predict", f"predict-{split}", {"ralflow.model_uri": opts.model_uri, "ralflow.kind": "predict"}
-        )
+        if opts.aggregate != "none":  # what the study aggregation changed
+            summary["mAP_image"] = multilabel_metrics(image_probs, labels, mask=masks)["mAP"]
+        tags = {"ralflow.model_uri": ",".join(opts.model_uri), "ralflow.kind": "predict"}
+        run = TrackedRun.create(uri, "ralflow-predict", f"predict-{split}", tags)
+        run.log_params({"aggregate": opts.aggregate, "tta": ",".join(views), "ensemble": opts.ensemble,
+                        "model_weight": ",".join(f"{w:g}" for w in weights)})  # fmt: skip
         run.log_metrics({f"{split}_{k}": v for k, v in summary.items()})
         run.log_file(out)
         run.finish("FINISHED")
@@ -214,5 +309,6 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
         "out": str(out),
         "rejects": len(rejects),
         "rejects_file": str(rejects_file) if rejects_file else None,
+        "findings_file": str(findings_file) if findings_file else None,
         "metrics": summary,
     }

@@ -70,13 +70,15 @@ class ChampionService:
         except ImageRejected as exc:
             return JSONResponse({"error": str(exc).removeprefix("row 0: ")}, status_code=422)
         probs, served = await self.score((pixels, current))
-        return JSONResponse(
-            {
-                "model": self.opts.model_name,
-                "version": served["version"],
-                "findings": {name: round(float(p), 6) for name, p in zip(served["labels"], probs)},
-            }
-        )
+        answer = {
+            "model": self.opts.model_name,
+            "version": served["version"],
+            "findings": {name: round(float(p), 6) for name, p in zip(served["labels"], probs)},
+        }
+        decisions = served["model"].decide(probs[None])
+        if decisions is not None:  # the model carries thresholds fitted on validation
+            answer["decisions"] = {name: bool(d) for name, d in zip(served["labels"], decisions[0])}
+        return JSONResponse(answer)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def score(self, items: list) -> list:

@@ -203,11 +203,20 @@ class TrackedRun:
         return bool(logged_models(self.client, self.get().info.experiment_id, self.run_id))
 
     def log_model(
-        self, state_dict, model_name: str, in_chans: int, image_size: int, label_names, card: str | None = None
+        self,
+        state_dict,
+        model_name: str,
+        in_chans: int,
+        image_size: int,
+        label_names,
+        card: str | None = None,
+        calibration: dict | None = None,
+        thresholds: dict | None = None,
     ) -> None:
         """The trained network as the registered-model pyfunc: a model from code
         (``components/models/pyfunc.py``) with the ``components`` package beside it, pinned pip
-        requirements, its signature, a PNG input example, ralflow's metadata and the model card."""
+        requirements, its signature, a PNG input example, ralflow's metadata, the model card, and
+        the calibration and per-class thresholds fitted on validation (``calibration.json``)."""
         import io
         import json
         import shutil
@@ -232,6 +241,13 @@ class TrackedRun:
             }
             spec.write_text(json.dumps(meta))
             artifacts = {"weights": str(weights), "spec": str(spec)}
+            if calibration or thresholds:
+                decision = Path(tmp) / "calibration.json"
+                decision.write_text(json.dumps({"calibration": calibration, "thresholds": thresholds}))
+                artifacts["calibration"] = str(decision)
+                meta["calibration"] = (calibration or {}).get("method", "none")
+                if thresholds:
+                    meta["thresholds"] = thresholds
             if card:
                 (Path(tmp) / "model_card.md").write_text(card)
                 artifacts["model_card"] = str(Path(tmp) / "model_card.md")

@@ -49,7 +49,7 @@ def tiny_dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     write_synthetic_cxr_lt(
-        root / "src", SynthOptions(num_images=480, image_size=64, seed=9, val_fraction=0.3), progress=None
+        root / "src", SynthOptions(num_images=480, image_size=64, seed=10, val_fraction=0.3), progress=None
     )
     prepare_dataset(
         PrepareOptions("cxr-lt-2023", str(root / "src"), image_size=40, rows_per_shard=128),

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.ray
 
 LABELS = list(CXR_LT_2023_COUNTS)
 SIZE = 40
+THRESHOLDS = {name: 0.5 for name in LABELS}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,10 @@ def registry(tmp_path_factory):
     for seed in (0, 1):
         torch.manual_seed(seed)
         run = TrackedRun.create(uri, "serving", f"model-{seed}")
-        run.log_model(build_model("resnet10t", len(LABELS), 1).state_dict(), "resnet10t", 1, SIZE, LABELS, "# card")
+        # the second carries what training fits on validation: a calibration and per-class thresholds
+        extra = {"calibration": {"method": "temperature", "temperature": 2.0}, "thresholds": THRESHOLDS} if seed else {}
+        weights = build_model("resnet10t", len(LABELS), 1).state_dict()
+        run.log_model(weights, "resnet10t", 1, SIZE, LABELS, "# card", **extra)
         run.finish()
         runs.append(run.run_id)
     registry = ModelRegistry(uri)
@@ -226,10 +230,41 @@ def test_ralflow_serve_answers_follows_the_champion_and_survives_a_broken_dicom(
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
         v2 = mlflow.pyfunc.load_model("models:/cxr/2").predict(pd.DataFrame({"image": films[:1]}))
-        assert np.allclose(list(post(f"{base}/predict", films[0])[1]["findings"].values()), v2[0], atol=2e-6)
+        answer = post(f"{base}/predict", films[0])[1]
+        assert np.allclose(list(answer["findings"].values()), v2[0], atol=2e-6)
+        assert answer["decisions"] == {k: bool(p >= 0.5) for k, p in answer["findings"].items()}  # v2 has thresholds
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     assert code == 130, log.read_text()[-3000:]
     with pytest.raises((urllib.error.URLError, OSError)):
         urllib.request.urlopen(f"{base}/health", timeout=5)  # Serve shut down with the command
+
+
+def test_predict_scores_studies_with_tta_and_an_ensemble_in_one_pass(registry, ray_address, tmp_path):
+    from components.data.synth import SynthOptions, write_synthetic_cxr_lt
+
+    uri, runs = registry
+    write_synthetic_cxr_lt(
+        tmp_path / "src", SynthOptions(num_images=100, image_size=64, seed=5, val_fraction=0.5), progress=None
+    )
+    out = tmp_path / "studies.csv"
+    r = run_cli("predict", "--address", ray_address, "--source", str(tmp_path / "src"), "--tracking-uri", uri,
+                "--model-uri", f"runs:/{runs[1]}/model", "--model-uri", "models:/cxr@champion", "--model-weight", "2",
+                "--model-weight", "1", "--tta", "hflip,scale", "--aggregate", "view-mean", "--findings",
+                "--out", str(out), "--actors", "1")  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "mAP_image" in r.stdout  # the study aggregation's effect is reported
+    predicted = read_submission(out)
+    with open(tmp_path / "src" / "development.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(predicted) == sorted(r["dicom_id"] for r in rows)  # still one row per dicom_id
+    by_study: dict = {}
+    for row in rows:
+        by_study.setdefault(row["study_id"], []).append(predicted[row["dicom_id"]])
+    assert any(len(v) > 1 for v in by_study.values())
+    for probs in by_study.values():  # view-mean: every image of a study carries the study's row
+        assert all(np.array_equal(p, probs[0]) for p in probs)
+    with open(out.with_name("studies.findings.csv")) as f:
+        findings = {r[0]: [int(v) for v in r[1:]] for r in list(csv.reader(f))[1:]}
+    assert all(findings[k] == [int(p >= 0.5) for p in v] for k, v in predicted.items())  # the first model's cuts

@@ -133,6 +133,10 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     assert model.metadata.metadata["label_names"] == manifest.label_names
+    # fitted on the best epoch's validation predictions, stored with the model (issue 13)
+    assert model.metadata.metadata["calibration"] == "temperature"
+    assert list(model.metadata.metadata["thresholds"]) == manifest.label_names
+    assert "best_val_mAP_study" in run.data.metrics
     probs, targets = [], []
     for batch in build_ray_dataset(manifest, "val", 40, None).iter_batches(batch_size=64):
         probs.append(model.predict(pd.DataFrame({"image": list(batch["image"])})))

@@ -1,6 +1,8 @@
 """Batch prediction with Ray Data: a pool of actors holding the model (`models:/<name>@champion`
 or any MLflow model URI) scores a prepared dataset, or a CXR-LT-format CSV + image root, and
 writes the CXR-LT submission CSV (dicom_id + one probability column per class, in label order).
+Several --model-uri make an ensemble, --tta adds flipped/zoomed views, --aggregate scores each
+image with its study's probabilities, all in one pass; --findings writes 0/1 decisions too.
 When labels are present the metrics are printed and logged. Unreadable images are reported in
 <out>.rejects.csv, not fatal."""
 
@@ -28,6 +30,8 @@ def run(args) -> int:
 
     out = predict(PredictOptions(**dataclass_values(args, PredictOptions)), address=args.address)
     print(f"predict: wrote {out['rows']} rows x {out['classes']} classes to {out['out']}")
+    if out["findings_file"]:
+        print(f"predict: wrote 0/1 findings at the model's thresholds to {out['findings_file']}")
     if out["rejects"]:
         print(f"predict: {out['rejects']} image(s) could not be read; listed in {out['rejects_file']}", file=sys.stderr)
     if out["metrics"]:

@@ -27,7 +27,8 @@ def run(args) -> int:
     summary = write_synthetic_cxr_lt(args.out, SynthOptions(**dataclass_values(args, SynthOptions)))
     print(
         f"synth: wrote {summary['train']} train + {summary['development']} development images "
-        f"({summary['labels_per_image']:.2f} labels/image) to {args.out} in {time.perf_counter() - t0:.1f}s"
+        f"in {summary['studies']} studies ({summary['lateral_fraction']:.0%} laterals, "
+        f"{summary['labels_per_study']:.2f} labels/study) to {args.out} in {time.perf_counter() - t0:.1f}s"
     )
     return 0
 

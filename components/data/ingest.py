@@ -90,7 +90,8 @@ class DecodeTransform:
             )
         result = {"image": out.numpy(), "labels": _stack(batch["labels"]), "mask": _stack(batch["mask"])}
         if self.keep_ids:
-            result["image_id"] = np.asarray(batch["image_id"])
+            for key in ID_COLUMNS:
+                result[key] = np.asarray(batch[key])
         return result
 
     def chunk_size(self, side: int) -> int:
@@ -178,6 +179,10 @@ def _transform(image_size: int, augment: AugmentOptions | None, keep_ids: bool) 
     return DecodeTransform(image_size, augment, keep_ids)
 
 
+# What ``keep_ids`` keeps: the image, its study (the unit CXR-LT labels) and its view.
+ID_COLUMNS = ("image_id", "study_id", "view")
+
+
 def decode_batch(batch: dict, image_size: int, augment: AugmentOptions | None, keep_ids: bool = False) -> dict:
     """Stateless task form of DecodeTransform (the transform is cached per process)."""
     return _transform(image_size, augment, keep_ids)(batch)
@@ -239,7 +244,7 @@ def build_ray_dataset(
     import ray.data
 
     size = image_size or manifest.image_size
-    columns = ["image", "labels", "mask"] + (["image_id"] if keep_ids else [])
+    columns = ["image", "labels", "mask"] + (list(ID_COLUMNS) if keep_ids else [])
     items = row_groups(manifest.shard_paths(split))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     if augment is not None if shuffle is None else shuffle:

@@ -5,6 +5,11 @@ Images are chest-X-ray-like grayscale pictures (body outline, lung fields, media
 noise, varying exposure). Each of the 26 findings adds a localized visual signature of its own
 (position, shape, texture, strength), some weak enough to be hard; labels follow the CXR-LT 2023
 training frequencies with realistic co-occurrence ("No Finding" only with "Support Devices").
+
+Labels belong to a *study*, as in MIMIC-CXR: a study has 1-3 images that share its labels, a
+frontal film (PA or AP), often a lateral, sometimes a second frontal, at MIMIC-like view
+proportions (about 7 frontal to 3 lateral). Laterals are drawn as lateral views: one lung field,
+the heart in front, the spine behind, each finding at its own depth and fainter.
 Everything is a deterministic function of the seed.
 """
 
@@ -28,6 +33,8 @@ LABELS = tuple(CXR_LT_2023_COUNTS)
 NO_FINDING = LABELS.index("No Finding")
 SUPPORT_DEVICES = LABELS.index("Support Devices")
 META_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition", "path")
+LATERAL_VIEWS = ("LATERAL", "LL", "RL")  # ViewPosition values of side views in MIMIC-CXR
+P_LATERAL, P_SECOND_FRONTAL = 0.55, 0.1  # per study: a lateral; another frontal
 
 # Findings that tend to co-occur (a shared latent factor per group), as on real chest films.
 CO_OCCURRENCE_GROUPS = (
@@ -103,7 +110,9 @@ class ChestRenderer:
             radius = g.uniform(0.05, 0.12)
             self.sig.append((cx, cy, radius, kind, strength, g.uniform(20, 40)))
 
-    def render(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def render(self, labels: np.ndarray, rng: np.random.Generator, lateral: bool = False) -> np.ndarray:
+        if lateral:
+            return self.render_lateral(labels, rng)
         xx, yy = self.xx, self.yy
         jx, jy = rng.normal(0, 0.015, 2)
         body = np.exp(-((((xx - 0.5 - jx) / 0.42) ** 2 + ((yy - 0.55 - jy) / 0.55) ** 2) ** 3))
@@ -118,18 +127,43 @@ class ChestRenderer:
             if c in (NO_FINDING, LABELS.index("Cardiomegaly")):
                 continue
             cx, cy, r, kind, strength, freq = self.sig[c]
-            cx, cy = cx + rng.normal(0, 0.02) + jx, cy + rng.normal(0, 0.02) + jy
-            r = r * rng.uniform(0.8, 1.25)
-            d2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / r**2
-            if kind == 0:
-                patch = np.exp(-d2)
-            elif kind == 1:
-                patch = np.exp(-((np.sqrt(d2) - 0.8) ** 2) / 0.05)
-            elif kind == 2:
-                patch = np.exp(-d2) * (0.5 + 0.5 * np.sin(freq * (xx + yy)))
-            else:
-                patch = np.exp(-d2) * (rng.random(xx.shape) > 0.7)
-            img += strength * patch
+            img += strength * self._patch(cx + jx, cy + jy, r, kind, freq, rng)
+        return self._expose(img, rng)
+
+    def render_lateral(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The side view: one lung field, heart in front (left), spine behind (right); each finding
+        at a fixed depth of its own, at the same height as on the frontal film, and fainter."""
+        xx, yy = self.xx, self.yy
+        jx, jy = rng.normal(0, 0.015, 2)
+        body = np.exp(-((((xx - 0.5 - jx) / 0.32) ** 2 + ((yy - 0.55 - jy) / 0.55) ** 2) ** 3))
+        img = 0.15 + 0.55 * body
+        img -= 0.4 * np.exp(-((((xx - 0.52 - jx) / 0.17) ** 2 + ((yy - 0.48 - jy) / 0.27) ** 2) ** 2))  # lungs
+        img += 0.3 * np.exp(-(((xx - 0.76 - jx) / 0.045) ** 2)) * (yy > 0.2)  # spine, behind
+        heart_r = 0.12 * (1.4 if labels[LABELS.index("Cardiomegaly")] else 1.0)
+        img += 0.22 * np.exp(-((((xx - 0.36 - jx) / heart_r) ** 2 + ((yy - 0.66 - jy) / 0.12) ** 2) ** 2))
+        for c in np.flatnonzero(labels):
+            if c in (NO_FINDING, LABELS.index("Cardiomegaly")):
+                continue
+            _, cy, r, kind, strength, freq = self.sig[c]
+            depth = 0.34 + 0.36 * ((c * 0.6180339) % 1.0)  # front (0.34) to back (0.70)
+            img += 0.7 * strength * self._patch(depth + jx, cy + jy, r, kind, freq, rng)
+        return self._expose(img, rng)
+
+    def _patch(self, cx, cy, r, kind, freq, rng) -> np.ndarray:
+        xx, yy = self.xx, self.yy
+        cx, cy = cx + rng.normal(0, 0.02), cy + rng.normal(0, 0.02)
+        r = r * rng.uniform(0.8, 1.25)
+        d2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / r**2
+        if kind == 0:
+            return np.exp(-d2)
+        if kind == 1:
+            return np.exp(-((np.sqrt(d2) - 0.8) ** 2) / 0.05)
+        if kind == 2:
+            return np.exp(-d2) * (0.5 + 0.5 * np.sin(freq * (xx + yy)))
+        return np.exp(-d2) * (rng.random(xx.shape) > 0.7)
+
+    @staticmethod
+    def _expose(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         exposure = rng.uniform(0.8, 1.2)
         gamma = rng.uniform(0.85, 1.15)
         img = np.clip(img * exposure, 0, 1) ** gamma
@@ -140,9 +174,9 @@ class ChestRenderer:
 def _render_chunk(args) -> None:
     size, quality, seed, items = args
     renderer = ChestRenderer(size)
-    for index, path, labels in items:
+    for index, path, labels, view in items:
         rng = np.random.default_rng([seed, index])
-        arr = renderer.render(labels, rng)
+        arr = renderer.render(labels, rng, lateral=view in LATERAL_VIEWS)
         buf = io.BytesIO()
         Image.fromarray(arr, mode="L").save(buf, format="JPEG", quality=quality)
         tmp = f"{path}.tmp"
@@ -162,19 +196,27 @@ def write_synthetic_cxr_lt(out: str | Path, opts: SynthOptions, progress=print) 
     out = Path(out)
     rng = np.random.default_rng(opts.seed)
     n = opts.num_images
-    clean, noisy = draw_labels(n, rng, opts.label_noise)
-    # several images per patient (1-4), each with its own study
-    subjects, studies, views = [], [], []
+    clean, noisy = draw_labels(n, rng, opts.label_noise)  # one row per study (at most n studies)
+    # Patients with 1-4 studies; studies with 1-3 images (views) that share the study's labels.
+    subjects, studies, views, study_index = [], [], [], []
     subject = 10_000_000 + int(rng.integers(0, 1_000_000))
+    k = 0
     while len(subjects) < n:
-        k = int(rng.integers(1, 5))
         subject += int(rng.integers(1, 50))
         study = 50_000_000 + int(rng.integers(0, 40_000_000))
-        for j in range(k):
-            subjects.append(subject)
-            studies.append(study + j)
-            views.append(rng.choice(["PA", "AP", "AP", "PA", "LATERAL"]))
-    subjects, studies, views = subjects[:n], studies[:n], views[:n]
+        for j in range(int(rng.integers(1, 5))):
+            study_views = [str(rng.choice(["PA", "AP"], p=[0.45, 0.55]))]
+            if rng.random() < P_LATERAL:
+                study_views.append("LATERAL")
+            if rng.random() < P_SECOND_FRONTAL:
+                study_views.append("AP")
+            for view in study_views:
+                subjects.append(subject)
+                studies.append(study + j)
+                views.append(view)
+                study_index.append(k)
+            k += 1
+    subjects, studies, views, study_index = subjects[:n], studies[:n], views[:n], study_index[:n]
     uniq = sorted(set(subjects))
     val_patients = set(np.array(uniq)[rng.random(len(uniq)) < opts.val_fraction].tolist())
     rows = {"train": [], "development": []}
@@ -183,9 +225,10 @@ def write_synthetic_cxr_lt(out: str | Path, opts: SynthOptions, progress=print) 
         dicom = f"{rng.integers(0, 16**8):08x}-{rng.integers(0, 16**8):08x}-{rng.integers(0, 16**8):08x}-{i:06d}"
         rel = f"files/p{str(subjects[i])[:2]}/p{subjects[i]}/s{studies[i]}/{dicom}.jpg"
         split = "development" if subjects[i] in val_patients else "train"
-        rows[split].append([dicom, subjects[i], studies[i], views[i], rel, *noisy[i].astype(int).tolist()])
-        items.append((i, str(out / rel), clean[i]))  # the picture shows the truth; the CSV is noisy
-    for _, p, _ in items:
+        s = study_index[i]
+        rows[split].append([dicom, subjects[i], studies[i], views[i], rel, *noisy[s].astype(int).tolist()])
+        items.append((i, str(out / rel), clean[s], views[i]))  # the picture shows the truth; the CSV is noisy
+    for _, p, _, _ in items:
         Path(p).parent.mkdir(parents=True, exist_ok=True)
     workers = opts.workers or os.cpu_count() or 1
     chunk = max(1, min(200, n // (workers * 4) or 1))
@@ -209,10 +252,12 @@ def write_synthetic_cxr_lt(out: str | Path, opts: SynthOptions, progress=print) 
             w.writerow(header)
             w.writerows(split_rows)
         os.replace(tmp, out / f"{split}.csv")
-    prevalence = noisy.mean(0)
+    prevalence = noisy[sorted(set(study_index))].mean(0)
     return {
+        "studies": len(set(study_index)),
+        "lateral_fraction": float(np.mean([v in LATERAL_VIEWS for v in views])),
         "train": len(rows["train"]),
         "development": len(rows["development"]),
-        "labels_per_image": float(noisy.sum(1).mean()),
+        "labels_per_study": float(noisy[sorted(set(study_index))].sum(1).mean()),
         "prevalence": dict(zip(LABELS, prevalence.round(4).tolist())),
     }

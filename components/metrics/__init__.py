@@ -64,12 +64,25 @@ def multilabel_metrics(
     return out
 
 
-def validation_metrics(probs: np.ndarray, targets: np.ndarray, masks: np.ndarray, groups: Sequence[str]) -> dict:
+def validation_metrics(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    masks: np.ndarray,
+    groups: Sequence[str],
+    study_ids: Sequence[str] | None = None,
+    views: Sequence[str] | None = None,
+) -> dict:
     """The per-epoch validation record: ``val_mAP``, ``val_AUROC``, ``val_mAP_<group>`` and
-    ``per_class_ap`` (None where undefined), as logged to MLflow and kept in checkpoints."""
+    ``per_class_ap`` (None where undefined), as logged to MLflow and kept in checkpoints; with the
+    images' studies, also ``val_mAP_study``: the same images scored with their study's
+    ``view-mean`` probabilities (``components.studies``)."""
     m = multilabel_metrics(probs, targets, groups, mask=masks)
     out = {"val_mAP": m["mAP"], "val_AUROC": m["AUROC"]}
     for g in GROUPS:
         out[f"val_mAP_{g}"] = m[f"mAP_{g}"]
+    if study_ids is not None and len(probs):
+        from ..studies import aggregate
+
+        out["val_mAP_study"] = multilabel_metrics(aggregate(probs, study_ids, views), targets, mask=masks)["mAP"]
     out["per_class_ap"] = [None if math.isnan(a) else float(a) for a in m["per_class_ap"]]
     return out

@@ -25,6 +25,7 @@ def model_card(
     epoch: int,
     image_size: int,
     thresholds: dict | None = None,
+    calibration: dict | None = None,
 ) -> str:
     """Markdown. ``dataset``: source/format, dataset_sha256 and per-split image counts."""
     lines = [
@@ -60,8 +61,13 @@ def model_card(
         "",
         "- A research model for ranking chest radiographs by the probability of each finding, for review by "
         "qualified readers. It is not a medical device and must not be used alone to diagnose or to rule out.",
-        "- Probabilities are scores from a multi-label classifier trained on the data above: they are not "
-        "calibrated unless a calibration is stated here, and rare findings (the tail group) are the least reliable.",
+        (
+            f"- Probabilities are calibrated on validation ({calibration['method']} scaling); calibration keeps "
+            "every finding's ranking. Rare findings (the tail group) are the least reliable."
+            if calibration and calibration.get("method", "none") != "none"
+            else "- Probabilities are scores from a multi-label classifier trained on the data above, not calibrated; "
+            "rare findings (the tail group) are the least reliable."
+        ),
         "- Performance was measured on the validation split of the same source only; other hospitals, devices, "
         "views (e.g. portable AP films) and populations may differ. Validate locally before any use.",
         "- No thresholds are part of this model unless a threshold column is shown above."

@@ -6,7 +6,9 @@ Its input is a table with one column, ``image``: each value is an image file's b
 or DICOM) or a uint8 pixel array (H, W) or (1, H, W) of any size. The model decodes, resizes and
 normalises them itself, exactly as ``ralflow prepare`` and ``ralflow predict`` do (one input
 contract: ``components.data.images`` and ``components.models.inputs``). The output has one row of
-per-class probabilities per image, in the order of the ``label_names`` in the model's metadata.
+per-class probabilities per image, in the order of the ``label_names`` in the model's metadata,
+calibrated when the model was logged with a calibration; its per-class ``thresholds`` (metadata)
+turn them into findings (``decide``).
 An image that cannot be used raises ``ImageRejected`` naming the row and the reason.
 
 Over REST (``mlflow models serve``): ``{"dataframe_split": {"columns": ["image"], "data":
@@ -43,22 +45,37 @@ class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
         self.model.eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
+        decision = {}
+        if "calibration" in context.artifacts:  # fitted on validation when the model was logged
+            decision = json.loads(Path(context.artifacts["calibration"]).read_text())
+        self.calibration = decision.get("calibration") or {"method": "none"}
+        thresholds = decision.get("thresholds")
+        self.thresholds = [thresholds[name] for name in self.label_names] if thresholds else None
 
     def predict(self, context, model_input, params=None):
         pixels = decode_column(images_of(model_input), self.image_size)
         return self.predict_pixels(pixels)
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, S, S) uint8 at the model's image size -> (N, classes) float32 probabilities."""
+        """(N, S, S) uint8 (resized when S is not the model's size) -> (N, classes) float64
+        probabilities, calibrated when the model carries a calibration."""
         import torch
 
+        from components.calibration import apply_calibration
         from components.models.inputs import to_model_input
 
         if not len(pixels):
-            return np.zeros((0, len(self.label_names)), np.float32)
+            return np.zeros((0, len(self.label_names)), np.float64)
         x = to_model_input(pixels, self.image_size, self.in_chans, self.device)
         with torch.inference_mode():
-            return torch.sigmoid(self.model(x).float()).cpu().numpy()
+            probs = torch.sigmoid(self.model(x).float()).cpu().numpy()
+        return apply_calibration(self.calibration, probs)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray | None:
+        """0/1 findings at the model's thresholds, or None when it has none."""
+        from components.calibration import decide
+
+        return None if self.thresholds is None else decide(probs, self.thresholds)
 
 
 def images_of(model_input) -> list:
@@ -90,13 +107,13 @@ def decode_column(values, size: int) -> np.ndarray:
 
 
 def signature(num_classes: int):
-    """One binary column (image files' bytes; uint8 arrays pass too), float32 probabilities out."""
+    """One binary column (image files' bytes; uint8 arrays pass too), float64 probabilities out."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     return ModelSignature(
         inputs=Schema([ColSpec("binary", INPUT_COLUMN)]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, num_classes))]),
     )
 
 

@@ -134,26 +134,30 @@ def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog |
 
 
 def evaluate(model, batches, device, autocast_dtype):
-    """Probabilities, targets and masks over an iterable of batches."""
+    """Probabilities, targets, masks and each image's study and view over an iterable of batches
+    (numpy batches from ``iter_batches``: the study and view are strings)."""
     import torch
 
     from ..models.inputs import normalize
 
     model.eval()
-    probs, targets, masks = [], [], []
+    probs, targets, masks, studies, views = [], [], [], [], []
     with torch.inference_mode():
         for batch in batches:
-            x = normalize(batch["image"].to(device, non_blocking=True))
+            x = normalize(torch.as_tensor(batch["image"]).to(device, non_blocking=True))
             with autocast(device, autocast_dtype):
                 logits = model(x)
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-            targets.append(batch["labels"].cpu().numpy())
-            masks.append(batch["mask"].cpu().numpy())
+            targets.append(np.asarray(batch["labels"]))
+            masks.append(np.asarray(batch["mask"]))
+            n = len(probs[-1])
+            studies.append(np.asarray(batch.get("study_id", np.arange(n).astype(str))).astype(str))
+            views.append(np.asarray(batch.get("view", [""] * n)).astype(str))
     model.train()
     if not probs:
         empty = np.zeros((0, 0), np.float32)
-        return empty, empty, empty
-    return np.concatenate(probs), np.concatenate(targets), np.concatenate(masks)
+        return empty, empty, empty, np.zeros(0, str), np.zeros(0, str)
+    return tuple(np.concatenate(a) for a in (probs, targets, masks, studies, views))
 
 
 def gather_to_all(*arrays):
@@ -192,7 +196,9 @@ def restore(parts: TrainingParts, job: TrainJob, device, rank: int) -> int:
     return state["epoch"] + 1
 
 
-def save_checkpoint(parts: TrainingParts, job: TrainJob, epoch: int, metrics: dict, per_class_ap, rank: int) -> None:
+def save_checkpoint(
+    parts: TrainingParts, job: TrainJob, epoch: int, metrics: dict, per_class_ap, rank: int, val_outputs=None
+) -> None:
     """Report the epoch's metrics with a checkpoint (written by rank 0) to Ray Train."""
     import ray.train
 
@@ -210,6 +216,7 @@ def save_checkpoint(parts: TrainingParts, job: TrainJob, epoch: int, metrics: di
                 "epoch": epoch,
                 "metrics": metrics,
                 "per_class_ap": per_class_ap,
+                "val_outputs": val_outputs,
             }
             save_state(state, folder)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
@@ -237,7 +244,8 @@ def epoch_line(m: dict, epochs: int) -> str:
 
     return (
         f"[train] epoch {m['epoch']}/{epochs} loss {m['train_loss']:.4f} val mAP {fmt(m['val_mAP'])} "
-        f"(head {fmt(m['val_mAP_head'])} medium {fmt(m['val_mAP_medium'])} tail {fmt(m['val_mAP_tail'])}) "
+        f"(head {fmt(m['val_mAP_head'])} medium {fmt(m['val_mAP_medium'])} tail {fmt(m['val_mAP_tail'])}; "
+        f"study {fmt(m.get('val_mAP_study'))}) "
         f"AUROC {fmt(m['val_AUROC'])} {m['images_per_s']:.0f} img/s (data wait {m['data_wait_frac']:.0%}) "
         f"{m['epoch_time_s']:.1f}s"
     )
@@ -277,11 +285,13 @@ def train_loop_per_worker(config: dict) -> None:
             stats = train_epoch(parts, batches, device, watchdog)
         val: dict = {"per_class_ap": None}
         if rank == 0:  # the unwrapped module: no DDP collective while the other ranks wait
-            batches = val_shard.iter_torch_batches(batch_size=batch_size, device=device)
-            probs, targets, masks = evaluate(unwrap(parts.model), batches, device, parts.autocast_dtype)
+            batches = val_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+            probs, targets, masks, studies, views = evaluate(unwrap(parts.model), batches, device, parts.autocast_dtype)
             val = {
                 "val_images": int(len(probs)),
-                **validation_metrics(probs, targets, masks, job.manifest.group_list()),
+                **validation_metrics(probs, targets, masks, job.manifest.group_list(), studies, views),
+                # kept with the checkpoint: the best epoch's calibration and thresholds are fitted on them
+                "val_outputs": {"probs": probs, "targets": targets, "masks": masks},
             }
         loss_sum, seen, _ = (
             gather_to_all(np.array([stats["loss_sum"], stats["seen"], stats["steps"]]))[0].reshape(-1, 3).sum(0)
@@ -294,9 +304,9 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch_time_s": time.perf_counter() - t_epoch,  # training + validation
             "data_wait_frac": stats["data_wait"] / max(stats["time"], 1e-9),  # rank 0's share of time starved of data
         }
-        per_class_ap = val.pop("per_class_ap")
+        per_class_ap, val_outputs = val.pop("per_class_ap"), val.pop("val_outputs", None)
         metrics.update(val)
-        save_checkpoint(parts, job, epoch, metrics, per_class_ap, rank)
+        save_checkpoint(parts, job, epoch, metrics, per_class_ap, rank, val_outputs)
         if rank == 0:
             if job.run:  # logged after the checkpoint is safe: a restart never logs an epoch twice
                 job.run.log_epoch(metrics, epoch + 1)

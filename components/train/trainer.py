@@ -103,7 +103,8 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
     augment = AugmentOptions(d.crop_scale_min, d.rotation_degrees, d.hflip, d.brightness, d.contrast)
     datasets = {
         "train": build_ray_dataset(job.manifest, "train", d.image_size, augment, num_cpus=d.map_cpus),
-        "val": build_ray_dataset(job.manifest, "val", d.image_size, None, num_cpus=d.map_cpus),
+        # with each image's study and view, for the study-level mAP
+        "val": build_ray_dataset(job.manifest, "val", d.image_size, None, num_cpus=d.map_cpus, keep_ids=True),
     }
     for ds in datasets.values():
         # These run in Ray Train's split coordinator, a remote actor: its progress bars reach the
@@ -254,6 +255,24 @@ def rescaled_after_node_loss(job: TrainJob, log=print) -> TrainJob | None:
     return dataclasses.replace(job, cfg=cfg)
 
 
+def fit_decision_layer(cfg: Config, val_outputs: dict | None, names, log=print):
+    """(calibration, {label: threshold} or None), fitted on the best epoch's validation outputs."""
+    from ..calibration import apply_calibration, fit_calibration, fit_thresholds
+
+    if not val_outputs or not len(val_outputs["probs"]):
+        return {"method": "none"}, None
+    probs, targets, masks = val_outputs["probs"], val_outputs["targets"], val_outputs["masks"]
+    calibration = fit_calibration(cfg.train.calibration, probs, targets, masks)
+    cuts = fit_thresholds(cfg.train.thresholds, apply_calibration(calibration, probs), targets, masks)
+    thresholds = dict(zip(names, cuts)) if cuts else None
+    detail = f" (T={calibration['temperature']:.3f})" if calibration["method"] == "temperature" else ""
+    log(
+        f"[train] fitted on {len(probs)} validation images: calibration {calibration['method']}{detail}, "
+        f"thresholds {cfg.train.thresholds}"
+    )
+    return calibration, thresholds
+
+
 def log_best(job: TrainJob, state: dict, log=print) -> dict:
     """Log the best epoch's model, summary metrics and per-class AP artifacts; close the run."""
     import tempfile
@@ -273,6 +292,7 @@ def log_best(job: TrainJob, state: dict, log=print) -> dict:
         run.log_file(Path(tmp) / "per_class_ap.png", "evaluation")
     run.log_files({"per_class_ap.csv": per_class_table(names, ap, counts, groups)}, "evaluation")
     if not run.has_model():
+        calibration, thresholds = fit_decision_layer(cfg, state.get("val_outputs"), names, log)
         card = model_card(
             model_name=cfg.model.name,
             loss=cfg.loss.name,
@@ -291,8 +311,11 @@ def log_best(job: TrainJob, state: dict, log=print) -> dict:
             metrics=m,
             epoch=state["epoch"] + 1,
             image_size=cfg.data.image_size,
+            thresholds=thresholds,
+            calibration=calibration,
         )
-        run.log_model(state["model"], cfg.model.name, cfg.model.in_chans, cfg.data.image_size, names, card)
+        m_ = cfg.model
+        run.log_model(state["model"], m_.name, m_.in_chans, cfg.data.image_size, names, card, calibration, thresholds)
     run.finish("FINISHED")
     if restarts := run.restarts():  # after a worker failure or a rerun of the same run name
         log(
