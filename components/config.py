@@ -44,7 +44,11 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 class ModelConfig:
     name: str = setting("resnet18", flag="--model", help="timm model name")
     in_chans: int = setting(1, help="input channels (chest films are grayscale)")
-    pretrained_path: str | None = setting(None, help="local weights file to start from (never downloaded at run time)")
+    pretrained: bool = setting(False, help="start from timm's pretrained weights (Hugging Face Hub or its cache)")
+    pretrained_path: str | None = setting(None, help="local weights file to start from (safetensors or torch)")
+    pretrained_min_loaded: float = setting(
+        0.9, help="stop when less than this share of the backbone's tensors came from the weights"
+    )
     drop_rate: float = setting(0.0, help="dropout before the classifier")
 
 
@@ -90,6 +94,9 @@ class TrainConfig:
     max_failures: int = setting(2, help="worker-group restarts from the latest checkpoint")
     fail_at_epoch: int | None = setting(None, help="fault drill: one worker exits once at this epoch")
     stall_warn_s: float = setting(120.0, help="say what training waits for when no batch came for this long")
+    ema: bool = setting(False, help="keep an exponential moving average of the weights (timm ModelEmaV3)")
+    ema_decay: float = setting(0.9998, help="EMA decay per step")
+    ema_warmup: bool = setting(True, help="EMA decay warms up over the first steps (timm's schedule)")
     calibration: str = setting(
         "temperature", choices=CALIBRATIONS, help="calibration fitted on validation, stored with the model"
     )

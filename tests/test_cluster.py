@@ -29,8 +29,10 @@ def bystander(state: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(7200)", str(state / "ray")])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
+    """One cluster for this module's tests (each uses its own experiment and run names); the node
+    loss test comes last, as it takes a node away."""
     state = Path(f"/tmp/rfc-{os.getpid()}")  # short: Ray's socket paths must stay < 108 chars
     env = {
         **os.environ,
@@ -270,7 +272,7 @@ def test_a_lost_worker_node_leaves_a_finished_run(local_cluster, tiny_dataset, t
     args = ["submit", "--address", address, "train", "--data", str(tiny_dataset), "--model", "resnet10t",
             "--epochs", "4", "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "0.5",
             "--image-size", "32", "--config", str(spread), "--tracking-uri", uri, "--storage-path", str(storage),
-            "--run-name", "node-loss", "--experiment", "faults"]  # fmt: skip
+            "--run-name", "node-loss", "--experiment", "node-loss"]  # fmt: skip
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("ralflow")), *args], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
@@ -278,7 +280,7 @@ def test_a_lost_worker_node_leaves_a_finished_run(local_cluster, tiny_dataset, t
     run_id, deadline = None, time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None and run_id is None:
         time.sleep(2)
-        exp = c.get_experiment_by_name("faults")
+        exp = c.get_experiment_by_name("node-loss")
         runs = c.search_runs([exp.experiment_id]) if exp else []
         if runs and c.get_metric_history(runs[0].info.run_id, "val_mAP"):
             run_id = runs[0].info.run_id

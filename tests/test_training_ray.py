@@ -27,23 +27,33 @@ def prevalence_baseline(manifest) -> float:
 
 
 def test_local_mode_train_loop(tiny_dataset, tmp_path, ray_address):
+    import torch
+
     from components.config import load_config
+    from components.models import build_model
     from components.train import run_training
 
+    torch.save(build_model("resnet10t", 1000, in_chans=3).state_dict(), tmp_path / "imagenet-like.pt")
     cfg = load_config(
         None,
         {
             "data": {"path": str(tiny_dataset), "image_size": 32},
-            "model": {"name": "resnet10t"},
+            "model": {"name": "resnet10t", "pretrained_path": str(tmp_path / "imagenet-like.pt")},
             "loss": {"name": "ral"},
-            "train": {"epochs": 1, "batch_size": 32, "num_workers": 0},
+            "train": {"epochs": 1, "batch_size": 32, "num_workers": 0, "ema": True},
             "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "storage_path": str(tmp_path / "runs")},
         },
     )
-    out = run_training(cfg, log=lambda *_: None)
+    said = []
+    out = run_training(cfg, log=said.append)
     c = mlflow.MlflowClient(cfg.tracking.tracking_uri)
     run = c.get_run(out["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["loss.name"] == "ral"
+    # the pretrained start is reported and logged; EMA weights were scored beside the raw ones
+    assert any("1 adapted (input stem), 2 new" in line for line in said)
+    assert (run.data.params["pretrained.adapted"], run.data.params["pretrained.new"]) == ("1", "2")
+    assert {"val_mAP_raw", "val_mAP_ema", "ema_selected"} <= set(run.data.metrics)
+    assert run.data.tags["ralflow.weights"] in ("raw", "ema")
     assert [m.step for m in c.get_metric_history(out["run_id"], "val_mAP")] == [1]  # epochs count from 1
     assert [m.value for m in c.get_metric_history(out["run_id"], "epoch")] == [1] and out["best_epoch"] == 1
     assert 0 < out["best_val_mAP"] <= 1

@@ -229,3 +229,59 @@ def test_a_tune_trial_applies_the_embedded_ray_data_setting_before_building_its_
         trial({"loss.lamb": 2.0})
     assert seen == {"reservation": not local_data, "run_name": "sweep-x-t0001", "lamb": 2.0}
     assert base.loss.params == {}  # each trial samples into its own copy of the sweep's config
+
+
+def test_ema_weights_follow_training_and_come_back_from_a_checkpoint():
+    import torch
+
+    from components.train.build import build_parts
+    from components.train.loop import train_epoch
+
+    manifest = tiny_manifest({"a": 30, "b": 10, "c": 3})
+    cfg = load_config(None, {"model": {"name": "resnet10t"}, "train": {"ema": True, "ema_decay": 0.9, "epochs": 2}})
+    cfg.data.image_size = 32
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    parts = build_parts(cfg, manifest, device, 1)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "image": torch.randint(0, 255, (8, 1, 32, 32), dtype=torch.uint8, generator=g),
+            "labels": (torch.rand(8, 3, generator=g) < 0.3).float(),
+            "mask": torch.ones(8, 3),
+        }
+        for _ in range(4)
+    ]
+    before = {k: v.clone() for k, v in parts.ema.module.state_dict().items()}
+    train_epoch(parts, batches, device)
+    raw, ema = parts.model.state_dict(), parts.ema.module.state_dict()
+    key = "conv1.0.weight"
+    assert not torch.equal(ema[key], before[key]) and not torch.equal(ema[key], raw[key])  # an average: between
+
+    state = parts.state_dicts()
+    assert torch.equal(state["ema"][key], ema[key])
+    torch.manual_seed(1)
+    resumed = build_parts(cfg, manifest, device, 1)
+    assert not torch.equal(resumed.ema.module.state_dict()[key], ema[key])
+    resumed.load_state_dicts(state)
+    assert all(torch.equal(resumed.ema.module.state_dict()[k], v) for k, v in ema.items())  # restored exactly
+    del state["ema"]  # a checkpoint written before EMA was turned on: the average starts from its weights
+    resumed.load_state_dicts(state)
+    assert torch.equal(resumed.ema.module.state_dict()[key], raw[key])
+
+
+def test_the_better_of_raw_and_ema_weights_is_the_epochs_model():
+    from components.train.loop import select_weights
+    from components.train.trainer import model_weights
+
+    raw = {"val_mAP": 0.30, "val_outputs": "raw outputs", "per_class_ap": [0.3]}
+    ema = {"val_mAP": 0.34, "val_outputs": "ema outputs", "per_class_ap": [0.34]}
+    picked = select_weights({"raw": raw, "ema": ema})
+    assert (picked["val_mAP"], picked["val_outputs"], picked["ema_selected"]) == (0.34, "ema outputs", 1.0)
+    assert (picked["val_mAP_raw"], picked["val_mAP_ema"]) == (0.30, 0.34)
+    picked = select_weights({"raw": {**raw, "val_mAP": 0.4}, "ema": ema})
+    assert (picked["val_mAP"], picked["ema_selected"]) == (0.4, 0.0)
+    assert select_weights({"raw": raw}) is raw  # EMA off: nothing compared, nothing added
+    state = {"model": "raw weights", "ema": "ema weights", "metrics": {"ema_selected": 1.0}}
+    assert model_weights(state) == "ema weights"
+    assert model_weights({**state, "metrics": {"ema_selected": 0.0}}) == "raw weights"

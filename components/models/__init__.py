@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import UserError
 
 
 def build_model(
-    name: str, num_classes: int, in_chans: int = 1, pretrained_path: str | None = None, drop_rate: float = 0.0
+    name: str,
+    num_classes: int,
+    in_chans: int = 1,
+    pretrained_path: str | None = None,
+    drop_rate: float = 0.0,
+    pretrained: bool = False,
+    min_loaded: float = 0.9,
 ):
+    """A timm model; with ``pretrained_path`` (a local file) or ``pretrained`` (timm's weights from
+    the Hugging Face Hub or its cache) it starts from those weights, its stem adapted to
+    ``in_chans`` (``components.models.pretrained``); the load's report is ``model.load_report``."""
     import timm
-    import torch
 
     if name not in timm.list_models() and not timm.is_model(name):
         raise UserError(
@@ -23,19 +29,15 @@ def build_model(
     if drop_rate:
         kwargs["drop_rate"] = drop_rate
     model = timm.create_model(name, pretrained=False, **kwargs)
-    if pretrained_path:
-        path = Path(pretrained_path)
-        if not path.is_file():
-            raise UserError(
-                f"model.pretrained_path {pretrained_path}: file not found (weights are never downloaded)",
-                field="model.pretrained_path",
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        # Different class count / input channels: keep the backbone, let the head start fresh.
-        own = model.state_dict()
-        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(compatible, strict=False)
+    model.load_report = None
+    if pretrained_path or pretrained:
+        from .pretrained import load_adapted, read_state_dict, timm_pretrained_state
+
+        if pretrained_path:
+            state, source = read_state_dict(pretrained_path), pretrained_path
+        else:
+            state, source = timm_pretrained_state(name), f"timm ({name})"
+        model.load_report = load_adapted(model, state, source, min_loaded)
     return model
 
 

@@ -35,7 +35,15 @@ def build_model_for(cfg: Config, manifest: Manifest):
     from ..models import build_model
 
     m = cfg.model
-    return build_model(m.name, len(manifest.label_names), m.in_chans, m.pretrained_path, m.drop_rate)
+    return build_model(
+        m.name,
+        len(manifest.label_names),
+        m.in_chans,
+        m.pretrained_path,
+        m.drop_rate,
+        pretrained=m.pretrained,
+        min_loaded=m.pretrained_min_loaded,
+    )
 
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, min_ratio: float) -> float:
@@ -71,16 +79,20 @@ class TrainingParts:
     scheduler: object
     scaler: object
     autocast_dtype: object  # torch dtype, or None for full precision
+    ema: object = None  # timm ModelEmaV3 of the weights (train.ema), or None
 
     def state_dicts(self) -> dict:
         from ..models import unwrap
 
-        return {
+        out = {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
+        if self.ema is not None:
+            out["ema"] = self.ema.module.state_dict()
+        return out
 
     def load_state_dicts(self, state: dict) -> None:
         from ..models import unwrap
@@ -89,6 +101,15 @@ class TrainingParts:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:  # a checkpoint from before EMA was on: the average starts here
+            self.ema.module.load_state_dict(state.get("ema") or state["model"])
+
+    def step_done(self) -> None:
+        """After each optimiser step: move the EMA weights (timm's warmup counts the steps)."""
+        if self.ema is not None:
+            from ..models import unwrap
+
+            self.ema.update(unwrap(self.model), step=self.scheduler.last_epoch)
 
 
 def build_parts(cfg: Config, manifest: Manifest, device, world_size: int, prepare_model=lambda m: m) -> TrainingParts:
@@ -106,4 +127,12 @@ def build_parts(cfg: Config, manifest: Manifest, device, world_size: int, prepar
     )
     autocast = amp_dtype(cfg.train.amp, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
-    return TrainingParts(model, build_loss_for(cfg, manifest).to(device), optimizer, scheduler, scaler, autocast)
+    ema = None
+    if cfg.train.ema:
+        from timm.utils import ModelEmaV3
+
+        from ..models import unwrap
+
+        ema = ModelEmaV3(unwrap(model), decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
+    loss = build_loss_for(cfg, manifest).to(device)
+    return TrainingParts(model, loss, optimizer, scheduler, scaler, autocast, ema)

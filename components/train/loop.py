@@ -120,6 +120,7 @@ def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog |
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         parts.scheduler.step()
+        parts.step_done()
         loss_sum += float(loss.detach()) * len(x)
         seen += len(x)
         steps += 1
@@ -158,6 +159,26 @@ def evaluate(model, batches, device, autocast_dtype):
         empty = np.zeros((0, 0), np.float32)
         return empty, empty, empty, np.zeros(0, str), np.zeros(0, str)
     return tuple(np.concatenate(a) for a in (probs, targets, masks, studies, views))
+
+
+def select_weights(scored: dict) -> dict:
+    """The epoch's validation record from the better of the raw and the EMA weights (by val mAP):
+    ``val_mAP`` and the rest describe the weights that would be the run's model; with EMA on,
+    ``val_mAP_raw``, ``val_mAP_ema`` and ``ema_selected`` say what was compared and chosen."""
+    if set(scored) == {"raw"}:
+        return scored["raw"]
+
+    def key(name: str) -> float:
+        value = scored[name]["val_mAP"]
+        return float("-inf") if value is None or np.isnan(value) else value
+
+    chosen = "ema" if key("ema") > key("raw") else "raw"
+    return {
+        **scored[chosen],
+        "val_mAP_raw": scored["raw"]["val_mAP"],
+        "val_mAP_ema": scored["ema"]["val_mAP"],
+        "ema_selected": float(chosen == "ema"),
+    }
 
 
 def gather_to_all(*arrays):
@@ -271,6 +292,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     parts = build_parts(cfg, job.manifest, device, world, prepare_model=ray.train.torch.prepare_model)
     start_epoch = restore(parts, job, device, rank)
+    report = unwrap(parts.model).load_report
+    if rank == 0 and job.run and report and start_epoch == 0:  # how much of the pretrained weights was used
+        job.run.log_params(report.params())
     nodes = gather_to_all(np.array([ray.get_runtime_context().get_node_id()]))[0]
     if rank == 0 and job.run:  # every node the run has used, across restarts
         before = job.run.get().data.tags.get("ralflow.worker_nodes", "")
@@ -285,14 +309,18 @@ def train_loop_per_worker(config: dict) -> None:
             stats = train_epoch(parts, batches, device, watchdog)
         val: dict = {"per_class_ap": None}
         if rank == 0:  # the unwrapped module: no DDP collective while the other ranks wait
-            batches = val_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
-            probs, targets, masks, studies, views = evaluate(unwrap(parts.model), batches, device, parts.autocast_dtype)
-            val = {
-                "val_images": int(len(probs)),
-                **validation_metrics(probs, targets, masks, job.manifest.group_list(), studies, views),
-                # kept with the checkpoint: the best epoch's calibration and thresholds are fitted on them
-                "val_outputs": {"probs": probs, "targets": targets, "masks": masks},
-            }
+            candidates = {"raw": unwrap(parts.model)} | ({"ema": parts.ema.module} if parts.ema is not None else {})
+            scored = {}
+            for name, module in candidates.items():
+                batches = val_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+                probs, targets, masks, studies, views = evaluate(module, batches, device, parts.autocast_dtype)
+                scored[name] = {
+                    "val_images": int(len(probs)),
+                    **validation_metrics(probs, targets, masks, job.manifest.group_list(), studies, views),
+                    # kept with the checkpoint: the best epoch's calibration and thresholds are fitted on them
+                    "val_outputs": {"probs": probs, "targets": targets, "masks": masks},
+                }
+            val = select_weights(scored)
         loss_sum, seen, _ = (
             gather_to_all(np.array([stats["loss_sum"], stats["seen"], stats["steps"]]))[0].reshape(-1, 3).sum(0)
         )

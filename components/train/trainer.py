@@ -17,7 +17,7 @@ from .loop import TrainJob, train_loop_per_worker
 from .resources import check_resources, cpus_per_worker_that_fit
 
 
-def load_dataset(cfg: Config) -> Manifest:
+def load_dataset(cfg: Config, log=print) -> Manifest:
     """The dataset of ``cfg``, verified and checked for training; fills ``data.image_size`` and the
     default run name (config + dataset checksum) from it, and builds the loss and the model once,
     so bad settings fail here rather than in a worker."""
@@ -31,7 +31,9 @@ def load_dataset(cfg: Config) -> Manifest:
     cfg.data.image_size = cfg.data.image_size or manifest.image_size
     cfg.tracking.run_name = cfg.tracking.run_name or cfg.default_run_name(manifest.dataset_sha256)
     build_loss_for(cfg, manifest)
-    build_model_for(cfg, manifest)
+    model = build_model_for(cfg, manifest)
+    if model.load_report:
+        log(f"[train] {model.load_report.line()}")
     return manifest
 
 
@@ -255,6 +257,11 @@ def rescaled_after_node_loss(job: TrainJob, log=print) -> TrainJob | None:
     return dataclasses.replace(job, cfg=cfg)
 
 
+def model_weights(state: dict):
+    """The checkpoint's weights that were scored: EMA's when the epoch selected them."""
+    return state["ema"] if state["metrics"].get("ema_selected") == 1.0 and "ema" in state else state["model"]
+
+
 def fit_decision_layer(cfg: Config, val_outputs: dict | None, names, log=print):
     """(calibration, {label: threshold} or None), fitted on the best epoch's validation outputs."""
     from ..calibration import apply_calibration, fit_calibration, fit_thresholds
@@ -315,7 +322,15 @@ def log_best(job: TrainJob, state: dict, log=print) -> dict:
             calibration=calibration,
         )
         m_ = cfg.model
-        run.log_model(state["model"], m_.name, m_.in_chans, cfg.data.image_size, names, card, calibration, thresholds)
+        weights = model_weights(state)
+        if "ema" in state:  # the better of raw and EMA weights at the best epoch (loop.select_weights)
+            chosen = "ema" if weights is state["ema"] else "raw"
+            run.set_tags({"ralflow.weights": chosen})
+            log(
+                f"[train] logging the {chosen} weights "
+                f"(val mAP raw {fmt(m.get('val_mAP_raw'))}, ema {fmt(m.get('val_mAP_ema'))})"
+            )
+        run.log_model(weights, m_.name, m_.in_chans, cfg.data.image_size, names, card, calibration, thresholds)
     run.finish("FINISHED")
     if restarts := run.restarts():  # after a worker failure or a rerun of the same run name
         log(
@@ -333,7 +348,7 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     """The whole ``ralflow train`` job: checks, MLflow run, Ray Train fit, model + artifacts."""
     from ..runtime import check_shared_path, init_ray
 
-    manifest = load_dataset(cfg)
+    manifest = load_dataset(cfg, log)
     init_ray(address, log=log)
     check_resources(cfg, log)
     check_shared_path(cfg.tracking.storage_path, "tracking.storage_path", field="tracking.storage_path")
