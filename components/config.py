@@ -37,6 +37,7 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None =
 from .calibration import CALIBRATIONS, THRESHOLDS  # noqa: E402 - the choices live with their code
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+DECODE_ON = ("cpu", "gpu")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -62,6 +63,9 @@ class DataConfig:
     brightness: float = setting(0.2, help="brightness jitter")
     contrast: float = setting(0.2, help="contrast jitter")
     map_cpus: float = setting(0.5, help="CPUs per Ray Data decode/augment task")
+    decode_on: str = setting(
+        "cpu", choices=DECODE_ON, help="decode + augment in Ray Data tasks (cpu) or in the worker, on its device (gpu)"
+    )
 
 
 @dataclass
@@ -94,6 +98,10 @@ class TrainConfig:
     max_failures: int = setting(2, help="worker-group restarts from the latest checkpoint")
     fail_at_epoch: int | None = setting(None, help="fault drill: one worker exits once at this epoch")
     stall_warn_s: float = setting(120.0, help="say what training waits for when no batch came for this long")
+    channels_last: bool | None = setting(None, help="channels-last memory format (default: on for CUDA)")
+    compile: bool = setting(False, help="torch.compile the model (worth it on GPUs for long runs)")
+    grad_checkpointing: bool = setting(False, help="recompute activations in backward (timm): less memory")
+    accumulate_steps: int = setting(1, help="batches per optimiser step (gradient accumulation)")
     ema: bool = setting(False, help="keep an exponential moving average of the weights (timm ModelEmaV3)")
     ema_decay: float = setting(0.9998, help="EMA decay per step")
     ema_warmup: bool = setting(True, help="EMA decay warms up over the first steps (timm's schedule)")
@@ -258,6 +266,7 @@ def resolve_defaults(cfg: Config) -> Config:
         ("train.cpus_per_worker", tr.cpus_per_worker, tr.cpus_per_worker > 0, "> 0"),
         ("train.keep_checkpoints", tr.keep_checkpoints, tr.keep_checkpoints >= 1, ">= 1"),
         ("train.max_failures", tr.max_failures, tr.max_failures >= -1, ">= 0, or -1 for no limit"),
+        ("train.accumulate_steps", tr.accumulate_steps, tr.accumulate_steps >= 1, ">= 1"),
         ("data.image_size", size, size is None or 16 <= size <= 4096, "16..4096, or unset for the prepared size"),
         ("data.map_cpus", cfg.data.map_cpus, cfg.data.map_cpus > 0, "> 0"),
         ("optim.lr", cfg.optim.lr, cfg.optim.lr > 0, "> 0"),

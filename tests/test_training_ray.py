@@ -37,7 +37,8 @@ def test_local_mode_train_loop(tiny_dataset, tmp_path, ray_address):
     cfg = load_config(
         None,
         {
-            "data": {"path": str(tiny_dataset), "image_size": 32},
+            # decode_on gpu: JPEG bytes through Ray Data, decoded and augmented in the worker (on CPU here)
+            "data": {"path": str(tiny_dataset), "image_size": 32, "decode_on": "gpu"},
             "model": {"name": "resnet10t", "pretrained_path": str(tmp_path / "imagenet-like.pt")},
             "loss": {"name": "ral"},
             "train": {"epochs": 1, "batch_size": 32, "num_workers": 0, "ema": True},

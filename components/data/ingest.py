@@ -72,22 +72,7 @@ class DecodeTransform:
         self.keep_ids = keep_ids  # string ids cannot go through iter_torch_batches
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in batch["image"]]
-        images = decode_jpeg(datas, mode=ImageReadMode.GRAY)
-        out = torch.empty((len(images), 1, self.image_size, self.image_size), dtype=torch.uint8)
-        step = self.chunk_size(max(images[0].shape[-2:])) if images else 1
-        for i in range(0, len(images), step):
-            chunk = images[i : i + step]
-            if len({tuple(im.shape) for im in chunk}) > 1:  # prepared datasets are square; others resize first
-                side = max(max(im.shape[-2:]) for im in chunk)
-                chunk = [resize_batch(im[None], side)[0] for im in chunk]
-            x = torch.stack(chunk)
-            out[i : i + len(chunk)] = (
-                augment_batch(x, self.image_size, self.augment) if self.augment else resize_batch(x, self.image_size)
-            )
+        out = decode_images(batch["image"], self.image_size, self.augment, chunk=self.chunk_size)
         result = {"image": out.numpy(), "labels": _stack(batch["labels"]), "mask": _stack(batch["mask"])}
         if self.keep_ids:
             for key in ID_COLUMNS:
@@ -99,6 +84,34 @@ class DecodeTransform:
         of the two-channel sampling grid and of the output) within CACHE_BYTES."""
         per_image = 4 * (side * side + 3 * self.image_size * self.image_size)
         return max(1, self.CACHE_BYTES // per_image)
+
+
+def decode_images(blobs, image_size: int, augment: AugmentOptions | None, device="cpu", generator=None, chunk=None):
+    """JPEG bytes -> (B, 1, S, S) uint8 on ``device``: decoded there (nvJPEG, batched, on CUDA),
+    then resized, or augmented (random resized crop, rotation, flip, brightness, contrast) with
+    parameters drawn from ``generator``. The Ray Data tasks (``data.decode_on: cpu``) and the
+    training worker (``gpu``) run this same function, so both paths give the same images for the
+    same parameters. ``chunk(side)``: images per warp (CPU cache sizing), default all at once."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+    datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    images = decode_jpeg(datas, mode=ImageReadMode.GRAY, device=device) if datas else []
+    out = torch.empty((len(images), 1, image_size, image_size), dtype=torch.uint8, device=device)
+    step = chunk(max(images[0].shape[-2:])) if chunk and len(images) else max(len(images), 1)
+    for i in range(0, len(images), step):
+        part = images[i : i + step]
+        if len({tuple(im.shape) for im in part}) > 1:  # prepared datasets are square; others resize first
+            side = max(max(im.shape[-2:]) for im in part)
+            part = [resize_batch(im[None], side)[0] for im in part]
+        x = torch.stack(part)
+        if augment:
+            params = {k: v.to(device) for k, v in augment_params(len(part), augment, generator).items()}
+            out[i : i + len(part)] = augment_batch(x, image_size, augment, params)
+        else:
+            out[i : i + len(part)] = resize_batch(x, image_size)
+    return out
 
 
 def _to_uint8(x):
@@ -162,9 +175,9 @@ def augment_batch(x, size: int, opts: AugmentOptions, params: dict | None = None
     cos, sin = torch.cos(p["angle"]).view(n, 1, 1), torch.sin(p["angle"]).view(n, 1, 1)
     sign = torch.where(p["flip"], -1.0, 1.0).view(n, 1, 1)
     w, h = p["w"].view(n, 1, 1), p["h"].view(n, 1, 1)
-    u = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres, align_corners=False
+    u = (torch.arange(size, dtype=torch.float32, device=x.device) * 2 + 1) / size - 1  # pixel centres
     xs, ys = u.view(1, 1, size), u.view(1, size, 1)
-    grid = torch.empty(n, size, size, 2)
+    grid = torch.empty(n, size, size, 2, device=x.device)
     torch.add(w * cos * sign * xs, -w * sin * ys, out=grid[..., 0]).add_(p["cx"].view(n, 1, 1))
     torch.add(h * sin * sign * xs, h * cos * ys, out=grid[..., 1]).add_(p["cy"].view(n, 1, 1))
     out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -193,6 +206,31 @@ def _stack(column) -> np.ndarray:
     if arr.dtype == object:
         arr = np.stack([np.asarray(v, dtype=np.float32) for v in column])
     return arr.astype(np.float32, copy=False)
+
+
+def encoded_batch(batch: dict, keep_ids: bool = False) -> dict:
+    """Ray Data task body for ``decode=False``: the stored JPEG bytes, labels and masks as they are."""
+    out = {"image": np.asarray(batch["image"], dtype=object), "labels": _stack(batch["labels"]),
+           "mask": _stack(batch["mask"])}  # fmt: skip
+    if keep_ids:
+        for key in ID_COLUMNS:
+            out[key] = np.asarray(batch[key])
+    return out
+
+
+def device_batches(batches, device, image_size: int, augment: AugmentOptions | None = None, generator=None,
+                   labels_on_device: bool = True):  # fmt: skip
+    """Numpy batches of JPEG bytes (``decode=False``) -> batches decoded (and augmented, with
+    parameters from ``generator``) on ``device``, as ``iter_torch_batches`` would deliver them."""
+    import torch
+
+    for batch in batches:
+        out = dict(batch)
+        out["image"] = decode_images(batch["image"], image_size, augment, device, generator)
+        if labels_on_device:
+            out["labels"] = torch.as_tensor(batch["labels"]).to(device, non_blocking=True)
+            out["mask"] = torch.as_tensor(batch["mask"]).to(device, non_blocking=True)
+        yield out
 
 
 def row_groups(paths: list[str]) -> list[dict]:
@@ -229,6 +267,7 @@ def build_ray_dataset(
     num_cpus: float = 1.0,
     keep_ids: bool = False,
     shuffle: bool | None = None,
+    decode: bool = True,
 ):
     """Ray Dataset over one split: decoded, resized and (if ``augment``) augmented uint8 batches.
 
@@ -255,6 +294,9 @@ def build_ray_dataset(
     ds = ds.map_batches(
         read_row_group, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus
     )
+    if not decode:  # the consumer decodes on its device (``decode_images``): JPEG bytes on the wire
+        return ds.map_batches(encoded_batch, fn_kwargs={"keep_ids": keep_ids}, batch_size=None, batch_format="numpy",
+                              num_cpus=num_cpus)  # fmt: skip
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"image_size": size, "augment": augment, "keep_ids": keep_ids},

@@ -42,5 +42,10 @@ def build_model(
 
 
 def unwrap(model):
-    """The plain module inside a DistributedDataParallel (or compiled) wrapper."""
-    return getattr(model, "module", model)
+    """The plain module inside DistributedDataParallel and ``torch.compile`` wrappers (in either
+    order): its state dict has the model's own keys, whatever the flags."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None or not hasattr(inner, "state_dict"):
+            return model
+        model = inner

@@ -46,6 +46,13 @@ def build_model_for(cfg: Config, manifest: Manifest):
     )
 
 
+def augment_options(cfg: Config):
+    from ..data.ingest import AugmentOptions
+
+    d = cfg.data
+    return AugmentOptions(d.crop_scale_min, d.rotation_degrees, d.hflip, d.brightness, d.contrast)
+
+
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, min_ratio: float) -> float:
     """Linear warmup then cosine decay to ``min_ratio``, per optimisation step."""
     t = step / max(steps_per_epoch, 1)
@@ -80,6 +87,8 @@ class TrainingParts:
     scaler: object
     autocast_dtype: object  # torch dtype, or None for full precision
     ema: object = None  # timm ModelEmaV3 of the weights (train.ema), or None
+    channels_last: bool = False  # inputs go in channels-last like the model
+    accumulate: int = 1  # batches per optimiser step
 
     def state_dicts(self) -> dict:
         from ..models import unwrap
@@ -117,10 +126,21 @@ def build_parts(cfg: Config, manifest: Manifest, device, world_size: int, prepar
     per step, and the gradient scaler (active for float16 autocast only)."""
     import torch
 
-    model = prepare_model(build_model_for(cfg, manifest))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    t = cfg.train
+    model = build_model_for(cfg, manifest)
+    if t.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    channels_last = use_channels_last(t.channels_last, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model)
+    if t.compile:  # after DDP wrapping, as PyTorch recommends; checkpoints unwrap both
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
+    )
     n_train = manifest.split("train").num_images
-    steps_per_epoch = max(1, math.ceil(n_train / (cfg.train.batch_size * max(world_size, 1))))
+    steps_per_epoch = max(1, math.ceil(n_train / (t.batch_size * max(world_size, 1) * t.accumulate_steps)))
     o = cfg.optim
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.train.epochs, o.warmup_epochs, o.min_lr_ratio)
@@ -135,4 +155,9 @@ def build_parts(cfg: Config, manifest: Manifest, device, world_size: int, prepar
 
         ema = ModelEmaV3(unwrap(model), decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
     loss = build_loss_for(cfg, manifest).to(device)
-    return TrainingParts(model, loss, optimizer, scheduler, scaler, autocast, ema)
+    return TrainingParts(model, loss, optimizer, scheduler, scaler, autocast, ema, channels_last, t.accumulate_steps)
+
+
+def use_channels_last(setting: bool | None, device) -> bool:
+    """Channels-last on CUDA unless turned off (tensor cores want NHWC); off elsewhere unless asked."""
+    return device.type == "cuda" if setting is None else setting

@@ -2,8 +2,9 @@
 
 Each worker streams its share of the training split from Ray Data (decode and augmentation run
 in Ray Data tasks), trains the model with the configured loss, and reports a checkpoint every
-epoch. Rank 0 also scores the whole validation split (every image exactly once, so the metric
-does not depend on the worker count) and logs the epoch to the run's MLflow run.
+epoch. Every worker scores its share of the validation split; the shares are gathered and rank 0
+scores them once (every image exactly once, so the metric does not depend on the worker count)
+and logs the epoch to the run's MLflow run.
 """
 
 from __future__ import annotations
@@ -102,29 +103,42 @@ def free_resources() -> str:
 
 
 def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog | None = None) -> dict:
-    """One pass over this worker's batches: loss sum, images, steps and time spent waiting."""
+    """One pass over this worker's batches: loss sum, images, optimiser steps and time spent
+    waiting. With ``accumulate`` > 1 the gradients of that many batches make one step (DDP syncs
+    only on the last of them); a remainder at the end of the epoch still makes a step."""
+    import torch
+
     from ..models.inputs import normalize
 
-    loss_sum, seen, steps, data_wait = 0.0, 0, 0, 0.0
+    loss_sum, seen, steps, micro, data_wait = 0.0, 0, 0, 0, 0.0
+    n = parts.accumulate
     t0 = t_wait = time.perf_counter()
+    parts.optimizer.zero_grad(set_to_none=True)
     for batch in batches:
         if watchdog:
             watchdog.batch()
         data_wait += time.perf_counter() - t_wait  # time the loop stood waiting for this batch
+        if len(batch["labels"]) < 2:  # a last batch of one: batch norm cannot train on it (every
+            t_wait = time.perf_counter()  # rank has the same rows, so all skip it alike)
+            continue
         x, y, mask = normalize(batch["image"]), batch["labels"], batch["mask"]
-        with autocast(device, parts.autocast_dtype):
-            logits = parts.model(x)
-        loss = parts.loss_fn(logits, y, mask=mask)  # the loss upcasts to float32 itself
-        parts.optimizer.zero_grad(set_to_none=True)
-        parts.scaler.scale(loss).backward()
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
-        parts.scheduler.step()
-        parts.step_done()
+        if parts.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        micro += 1
+        last = micro % n == 0
+        sync = nullcontext() if last or not hasattr(parts.model, "no_sync") else parts.model.no_sync()
+        with sync:
+            with autocast(device, parts.autocast_dtype):
+                logits = parts.model(x)
+            loss = parts.loss_fn(logits, y, mask=mask)  # the loss upcasts to float32 itself
+            parts.scaler.scale(loss / n).backward()
+        if last:
+            steps += optimiser_step(parts)
         loss_sum += float(loss.detach()) * len(x)
         seen += len(x)
-        steps += 1
         t_wait = time.perf_counter()
+    if micro % n:
+        steps += optimiser_step(parts)
     return {
         "loss_sum": loss_sum,
         "seen": seen,
@@ -134,7 +148,16 @@ def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog |
     }
 
 
-def evaluate(model, batches, device, autocast_dtype):
+def optimiser_step(parts: TrainingParts) -> int:
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.scheduler.step()
+    parts.step_done()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return 1
+
+
+def evaluate(model, batches, device, autocast_dtype, channels_last: bool = False):
     """Probabilities, targets, masks and each image's study and view over an iterable of batches
     (numpy batches from ``iter_batches``: the study and view are strings)."""
     import torch
@@ -146,6 +169,8 @@ def evaluate(model, batches, device, autocast_dtype):
     with torch.inference_mode():
         for batch in batches:
             x = normalize(torch.as_tensor(batch["image"]).to(device, non_blocking=True))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, autocast_dtype):
                 logits = model(x)
             probs.append(torch.sigmoid(logits.float()).cpu().numpy())
@@ -189,7 +214,8 @@ def gather_to_all(*arrays):
         return arrays
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, arrays)
-    return tuple(np.concatenate([g[i] for g in gathered if g[i].size]) for i in range(len(arrays)))
+    parts = [[g[i] for g in gathered if g[i].size] or [gathered[0][i]] for i in range(len(arrays))]
+    return tuple(np.concatenate(p) for p in parts)
 
 
 def restore(parts: TrainingParts, job: TrainJob, device, rank: int) -> int:
@@ -278,13 +304,14 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
+    from ..data.ingest import device_batches
     from ..metrics import validation_metrics
     from ..models import unwrap
-    from .build import build_parts
+    from .build import augment_options, build_parts
     from .resources import check_room_for_data
 
     job: TrainJob = config["job"]
-    cfg, batch_size = job.cfg, job.cfg.train.batch_size
+    cfg, batch_size, size = job.cfg, job.cfg.train.batch_size, job.cfg.data.image_size
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
@@ -305,22 +332,33 @@ def train_loop_per_worker(config: dict) -> None:
         fault_drill(job, epoch, rank, world)
         t_epoch = time.perf_counter()
         with StallWatchdog(cfg.train.stall_warn_s, rank, check=lambda: check_room_for_data(cfg)) as watchdog:
-            batches = train_shard.iter_torch_batches(batch_size=batch_size, device=device)
+            if cfg.data.decode_on == "gpu":  # decode + augment here, draws seeded by (seed, rank, epoch)
+                generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + rank * 10_007 + epoch)
+                raw = train_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+                batches = device_batches(raw, device, size, augment_options(cfg), generator)
+            else:
+                batches = train_shard.iter_torch_batches(
+                    batch_size=batch_size, device=device, pin_memory=device.type == "cuda"
+                )
             stats = train_epoch(parts, batches, device, watchdog)
-        val: dict = {"per_class_ap": None}
-        if rank == 0:  # the unwrapped module: no DDP collective while the other ranks wait
-            candidates = {"raw": unwrap(parts.model)} | ({"ema": parts.ema.module} if parts.ema is not None else {})
-            scored = {}
-            for name, module in candidates.items():
-                batches = val_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
-                probs, targets, masks, studies, views = evaluate(module, batches, device, parts.autocast_dtype)
+        # Every worker scores its share of the validation split with the unwrapped module (no DDP
+        # collective inside), the shares are gathered, and rank 0 scores the whole once.
+        candidates = {"raw": unwrap(parts.model)} | ({"ema": parts.ema.module} if parts.ema is not None else {})
+        scored = {}
+        for name, module in candidates.items():
+            batches = val_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+            if cfg.data.decode_on == "gpu":
+                batches = device_batches(batches, device, size, labels_on_device=False)
+            mine = evaluate(module, batches, device, parts.autocast_dtype, parts.channels_last)
+            probs, targets, masks, studies, views = gather_to_all(*mine)
+            if rank == 0:
                 scored[name] = {
                     "val_images": int(len(probs)),
                     **validation_metrics(probs, targets, masks, job.manifest.group_list(), studies, views),
                     # kept with the checkpoint: the best epoch's calibration and thresholds are fitted on them
                     "val_outputs": {"probs": probs, "targets": targets, "masks": masks},
                 }
-            val = select_weights(scored)
+        val = select_weights(scored) if rank == 0 else {"per_class_ap": None}
         loss_sum, seen, _ = (
             gather_to_all(np.array([stats["loss_sum"], stats["seen"], stats["steps"]]))[0].reshape(-1, 3).sum(0)
         )

@@ -99,14 +99,19 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..data.ingest import AugmentOptions, build_ray_dataset
+    from ..data.ingest import build_ray_dataset
+    from .build import augment_options
+    from .data_split import ExactValidationSplit
 
     cfg, d = job.cfg, job.cfg.data
-    augment = AugmentOptions(d.crop_scale_min, d.rotation_degrees, d.hflip, d.brightness, d.contrast)
+    decode = d.decode_on == "cpu"  # "gpu": JPEG bytes travel, the worker decodes and augments on its device
+    augment = augment_options(cfg) if decode else None
     datasets = {
-        "train": build_ray_dataset(job.manifest, "train", d.image_size, augment, num_cpus=d.map_cpus),
+        "train": build_ray_dataset(
+            job.manifest, "train", d.image_size, augment, d.map_cpus, shuffle=True, decode=decode
+        ),
         # with each image's study and view, for the study-level mAP
-        "val": build_ray_dataset(job.manifest, "val", d.image_size, None, num_cpus=d.map_cpus, keep_ids=True),
+        "val": build_ray_dataset(job.manifest, "val", d.image_size, None, d.map_cpus, keep_ids=True, decode=decode),
     }
     for ds in datasets.values():
         # These run in Ray Train's split coordinator, a remote actor: its progress bars reach the
@@ -136,9 +141,7 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
             ),
         ),
         datasets=datasets,
-        # Only training is sharded (Ray splits with equal=True, dropping rows to equalise the
-        # workers); validation is scored whole by rank 0, every image exactly once.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ExactValidationSplit(datasets_to_split=["train", "val"]),
     )
 
 
