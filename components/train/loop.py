@@ -370,6 +370,8 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch_time_s": time.perf_counter() - t_epoch,  # training + validation
             "data_wait_frac": stats["data_wait"] / max(stats["time"], 1e-9),  # rank 0's share of time starved of data
         }
+        if device.type == "cuda":  # what the chip held at most (rank 0), for sizing batches and images
+            metrics["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         per_class_ap, val_outputs = val.pop("per_class_ap"), val.pop("val_outputs", None)
         metrics.update(val)
         save_checkpoint(parts, job, epoch, metrics, per_class_ap, rank, val_outputs)
