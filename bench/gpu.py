@@ -98,11 +98,12 @@ def streamed(data: Path, model_name: str, size: int, batch: int, epochs: int, fl
     from components.config import load_config
     from components.train.trainer import run_training
 
+    work.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     cfg = load_config(None, {
         "data": {"path": str(data), "image_size": size, **flags.get("data", {})},
         "model": {"name": model_name},
-        "train": {"epochs": epochs, "batch_size": batch, "num_workers": 1, "cpus_per_worker": 2,
+        "train": {"epochs": epochs, "batch_size": batch, "num_workers": 1, "cpus_per_worker": 2 if flags["gpu"] else 1,
                   "use_gpu": flags["gpu"], **flags.get("train", {})},
         "tracking": {"tracking_uri": uri, "storage_path": str(work / "runs"), "experiment": "gpu-bench"},
     })  # fmt: skip

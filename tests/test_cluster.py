@@ -174,6 +174,28 @@ def processes(pattern: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def train_until_first_epoch(env, address, uri, storage, data, run_name, experiment, log, *extra):
+    """Submit a 4-epoch 2-worker training job in the background; wait for its first logged epoch.
+    Returns (the submitting process, the MLflow run id, a client)."""
+    args = ["submit", "--address", address, "train", "--data", str(data), "--model", "resnet10t",
+            "--epochs", "4", "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "0.5",
+            "--image-size", "32", "--tracking-uri", uri, "--storage-path", str(storage), "--run-name", run_name,
+            "--experiment", experiment, *extra]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("ralflow")), *args], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    c = mlflow.MlflowClient(uri)
+    run_id, deadline = None, time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None and run_id is None:
+        time.sleep(2)
+        exp = c.get_experiment_by_name(experiment)
+        runs = c.search_runs([exp.experiment_id]) if exp else []
+        if runs and c.get_metric_history(runs[0].info.run_id, "val_mAP"):
+            run_id = runs[0].info.run_id
+    assert run_id, log.read_text()[-4000:]
+    return proc, run_id, c
+
+
 def test_a_paused_mlflow_server_loses_nothing(local_cluster, tiny_dataset, tmp_path):
     """The MLflow server stops answering for 30 s in the middle of a 2-node training run: the
     workers' MLflow calls wait it out, the run finishes in the same MLflow run, every epoch logged
@@ -183,22 +205,7 @@ def test_a_paused_mlflow_server_loses_nothing(local_cluster, tiny_dataset, tmp_p
     state, env, _ = local_cluster
     uri, address, storage = "http://127.0.0.1:5056", "http://127.0.0.1:8291", state / "shared"
     log = tmp_path / "submit.log"
-    args = ["submit", "--address", address, "train", "--data", str(tiny_dataset), "--model", "resnet10t",
-            "--epochs", "4", "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "0.5",
-            "--image-size", "32", "--tracking-uri", uri, "--storage-path", str(storage), "--run-name", "paused",
-            "--experiment", "faults"]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("ralflow")), *args], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    c = mlflow.MlflowClient(uri)
-    run_id, deadline = None, time.monotonic() + 400
-    while time.monotonic() < deadline and proc.poll() is None and run_id is None:
-        time.sleep(2)
-        exp = c.get_experiment_by_name("faults")
-        runs = c.search_runs([exp.experiment_id]) if exp else []
-        if runs and c.get_metric_history(runs[0].info.run_id, "val_mAP"):
-            run_id = runs[0].info.run_id
-    assert run_id, log.read_text()[-4000:]
+    proc, run_id, c = train_until_first_epoch(env, address, uri, storage, tiny_dataset, "paused", "faults", log)
     server = processes(f"mlflow.*--port {uri.rsplit(':', 1)[1]}") + processes("uvicorn.*mlflow")
     assert server
     for pid in server:
@@ -220,7 +227,7 @@ def test_a_stopped_tune_job_resumes_without_rerunning_finished_trials(local_clus
     sweep without running a finished trial again."""
     state, env, _ = local_cluster
     uri, address, storage = "http://127.0.0.1:5056", "http://127.0.0.1:8291", state / "shared"
-    sweep = ["tune", "--data", str(tiny_dataset), "--loss", "ral", "--model", "resnet10t", "--num-samples", "2",
+    sweep = ["tune", "--data", str(tiny_dataset), "--loss", "ral", "--model", "resnet10t", "--num-samples", "3",
              "--max-epochs", "1", "--image-size", "32", "--batch-size", "32", "--num-workers", "1",
              "--tracking-uri", uri, "--storage-path", str(storage), "--name", "cluster-sweep",
              "--experiment", "sweeps"]  # fmt: skip
@@ -237,7 +244,11 @@ def test_a_stopped_tune_job_resumes_without_rerunning_finished_trials(local_clus
         x.info.status == "FINISHED" and "ralflow.trial_id" in x.data.tags for x in runs()
     ):
         time.sleep(3)
-    finished = {x.info.run_id: x.info.end_time for x in runs() if x.info.status == "FINISHED"}
+    finished = {  # trials only: a sweep that got further may also have closed its parent run
+        x.info.run_id: x.info.end_time
+        for x in runs()
+        if x.info.status == "FINISHED" and "ralflow.trial_id" in x.data.tags
+    }
     assert finished, "no trial finished in time"
     ray_cli = str(Path(sys.executable).with_name("ray"))  # `ray job stop`: SIGTERM to the job, as users stop one
     token_env = {**env, "RAY_AUTH_MODE": "token"}
@@ -269,22 +280,9 @@ def test_a_lost_worker_node_leaves_a_finished_run(local_cluster, tiny_dataset, t
     spread = tmp_path / "spread.yaml"
     spread.write_text("train: {placement_strategy: SPREAD, stall_warn_s: 30}\n")
     log = tmp_path / "submit.log"
-    args = ["submit", "--address", address, "train", "--data", str(tiny_dataset), "--model", "resnet10t",
-            "--epochs", "4", "--batch-size", "32", "--num-workers", "2", "--cpus-per-worker", "0.5",
-            "--image-size", "32", "--config", str(spread), "--tracking-uri", uri, "--storage-path", str(storage),
-            "--run-name", "node-loss", "--experiment", "node-loss"]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("ralflow")), *args], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    c = mlflow.MlflowClient(uri)
-    run_id, deadline = None, time.monotonic() + 400
-    while time.monotonic() < deadline and proc.poll() is None and run_id is None:
-        time.sleep(2)
-        exp = c.get_experiment_by_name("node-loss")
-        runs = c.search_runs([exp.experiment_id]) if exp else []
-        if runs and c.get_metric_history(runs[0].info.run_id, "val_mAP"):
-            run_id = runs[0].info.run_id
-    assert run_id, log.read_text()[-4000:]
+    proc, run_id, c = train_until_first_epoch(
+        env, address, uri, storage, tiny_dataset, "node-loss", "node-loss", log, "--config", str(spread)
+    )
     raylets = [p for p in processes("raylet") if f"{state}/ray-w1" in Path(f"/proc/{p}/cmdline").read_text()]
     assert len(raylets) == 1, raylets
     os.kill(raylets[0], signal.SIGKILL)
