@@ -22,8 +22,8 @@ WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 @dataclass
 class TrainWithNewField(TrainConfig):
-    ema_decay: float = setting(0.0, help="a field added to the schema")
-    use_ema: bool = setting(False, help="another one")
+    mixup_alpha: float = setting(0.0, help="a field added to the schema")
+    use_mixup: bool = setting(False, help="another one")
 
 
 @dataclass
@@ -38,14 +38,14 @@ def parse(*argv, cfg_type=Config):
 
 
 def test_a_new_config_field_gets_its_flag_without_a_flag_table():
-    parser, args = parse("--ema-decay", "0.999", "--use-ema", "--epochs", "3", cfg_type=ConfigWithNewField)
-    assert config_overrides(args, ConfigWithNewField) == {"train": {"ema_decay": 0.999, "use_ema": True, "epochs": 3}}
+    parser, args = parse("--mixup-alpha", "0.2", "--use-mixup", "--epochs", "3", cfg_type=ConfigWithNewField)
+    assert config_overrides(args, ConfigWithNewField) == {"train": {"mixup_alpha": 0.2, "use_mixup": True, "epochs": 3}}
     help_text = parser.format_help()
-    assert "--ema-decay X" in help_text and "a field added to the schema (default: 0.0)" in help_text
-    assert "--use-ema, --no-use-ema" in help_text
+    assert "--mixup-alpha X" in help_text and "a field added to the schema (default: 0.0)" in help_text
+    assert "--use-mixup, --no-use-mixup" in help_text
     # without the field, no flag
     with pytest.raises(SystemExit):
-        parse("--ema-decay", "0.5")
+        parse("--mixup-alpha", "0.5")
 
 
 def test_flags_set_only_what_was_typed():
