@@ -24,6 +24,14 @@ def run_cli(
     return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def default_sigint() -> None:
+    """preexec_fn for children a test interrupts with SIGINT: a runner started in the background
+    (CI scripts, `cmd &`) passes on SIGINT ignored, and the child would never see it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def cli():
     return run_cli

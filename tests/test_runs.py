@@ -205,7 +205,7 @@ def test_a_failed_or_interrupted_fit_ends_the_run_with_its_reason(tmp_path, monk
             return types.SimpleNamespace(fit=fit)
 
         monkeypatch.setattr(trainer, "build_trainer", build)
-        job = types.SimpleNamespace(run=run, storage_dir=str(tmp_path))
+        job = types.SimpleNamespace(run=run, storage_dir=str(tmp_path), cfg=load_config(None, {}))
         with pytest.raises(type(raised)):
             trainer.fit_and_log(job, log=lambda *_: None)
         got = run.get()

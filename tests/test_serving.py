@@ -27,7 +27,7 @@ import pytest
 from components.data.labels import CXR_LT_2023_COUNTS
 
 from . import formats
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, default_sigint, run_cli
 
 pytestmark = pytest.mark.ray
 
@@ -166,7 +166,9 @@ def test_mlflow_models_serve_answers_a_rest_request_with_an_image(registry, dico
     uri, _ = registry
     _, files = dicom_source
     port, log = free_port(), tmp_path / "mlflow-serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # `mlflow models serve` starts uvicorn by name: the environment's bin folder must be on PATH
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", "models:/cxr@champion",
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
     with log.open("w") as out:
@@ -199,7 +201,7 @@ def test_ralflow_serve_answers_follows_the_champion_and_survives_a_broken_dicom(
     cmd = [str(Path(sys.executable).with_name("ralflow")), "serve", "--address", ray_address, "--model-name", "cxr",
            "--tracking-uri", uri, "--port", str(port), "--refresh-s", "1", "--cpus-per-replica", "0.5"]  # fmt: skip
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=default_sigint)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{base}/health", proc, log)
@@ -235,7 +237,11 @@ def test_ralflow_serve_answers_follows_the_champion_and_survives_a_broken_dicom(
         assert answer["decisions"] == {k: bool(p >= 0.5) for k, p in answer["findings"].items()}  # v2 has thresholds
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never leave a replica holding the shared cluster's CPUs
+            raise
     assert code == 130, log.read_text()[-3000:]
     with pytest.raises((urllib.error.URLError, OSError)):
         urllib.request.urlopen(f"{base}/health", timeout=5)  # Serve shut down with the command

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from .conftest import RALFLOW
+from .conftest import RALFLOW, default_sigint
 
 pytestmark = pytest.mark.ray
 
@@ -196,7 +196,8 @@ def test_a_signal_ends_the_run_killed_saying_so(tiny_dataset, tmp_path, ray_addr
         ray_address,
     ]
     with open(tmp_path / "out.log", "w") as out:
-        proc = subprocess.Popen([RALFLOW, *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen([RALFLOW, *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=default_sigint)  # fmt: skip
     c, deadline, run_id = mlflow.MlflowClient(uri), time.monotonic() + 300, None
     while time.monotonic() < deadline and proc.poll() is None:  # until the first epoch is logged
         time.sleep(2)

@@ -206,6 +206,18 @@ def select_weights(scored: dict) -> dict:
     }
 
 
+def sync_buffers_from_rank0(module) -> None:
+    """Copy rank 0's buffers (batch-norm running statistics) to every rank. DDP broadcasts them at
+    the start of each forward, so after the last training step each rank holds its own batch's
+    update; validation on every rank must use the model that rank 0 checkpoints."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def gather_to_all(*arrays):
     """Concatenate each array across the workers (identity when not distributed)."""
     import torch.distributed as dist
@@ -344,6 +356,8 @@ def train_loop_per_worker(config: dict) -> None:
         # Every worker scores its share of the validation split with the unwrapped module (no DDP
         # collective inside), the shares are gathered, and rank 0 scores the whole once.
         candidates = {"raw": unwrap(parts.model)} | ({"ema": parts.ema.module} if parts.ema is not None else {})
+        for module in candidates.values():  # every share scored with the weights rank 0 saves
+            sync_buffers_from_rank0(module)
         scored = {}
         for name, module in candidates.items():
             batches = val_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
