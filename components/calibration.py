@@ -25,9 +25,14 @@ TIE_BREAK = 1e-6  # keeps isotonic calibration strictly increasing: rankings, an
 EPS = 1e-12  # clip for logits: small enough not to merge the float32 probabilities of real models
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def logit(p: np.ndarray) -> np.ndarray:
+    """Probabilities to logits (clipped at EPS, so 0 and 1 stay finite)."""
     p = np.clip(p, EPS, 1 - EPS)
     return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
 
 
 def fit_calibration(method: str, probs: np.ndarray, targets: np.ndarray, masks: np.ndarray | None = None) -> dict:
@@ -41,10 +46,10 @@ def fit_calibration(method: str, probs: np.ndarray, targets: np.ndarray, masks: 
     if method == "temperature":
         from scipy.optimize import minimize_scalar
 
-        z, keep = _logit(probs), masks > 0
+        z, keep = logit(probs), masks > 0
 
         def nll(log_t: float) -> float:
-            q = np.clip(1 / (1 + np.exp(-z / math.exp(log_t))), EPS, 1 - EPS)
+            q = np.clip(sigmoid(z / math.exp(log_t)), EPS, 1 - EPS)
             return float(-(targets * np.log(q) + (1 - targets) * np.log(1 - q))[keep].mean())
 
         best = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
@@ -71,7 +76,7 @@ def apply_calibration(calibration: dict | None, probs: np.ndarray) -> np.ndarray
     if method == "none":
         out = probs
     elif method == "temperature":
-        out = 1 / (1 + np.exp(-_logit(probs) / calibration["temperature"]))
+        out = sigmoid(logit(probs) / calibration["temperature"])
     elif method == "isotonic":
         out = np.stack(
             [np.interp(probs[:, c], calibration["x"][c], calibration["y"][c]) for c in range(probs.shape[1])], axis=1

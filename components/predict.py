@@ -75,15 +75,15 @@ def tta_pixels(pixels: np.ndarray, view: str) -> np.ndarray:
 def ensemble_probs(models, weights, views: list[str], mode: str, pixels: np.ndarray) -> np.ndarray:
     """Each model's probabilities averaged over the TTA views, then the weighted mean over models,
     in probability or logit space (``mode``)."""
-    from .calibration import _logit
+    from .calibration import logit, sigmoid
 
     total = np.zeros((len(pixels), len(models[0].label_names)), np.float64)
     for model, weight in zip(models, weights):
         per_view = [np.asarray(model.predict_pixels(tta_pixels(pixels, v)), np.float64) for v in views]
-        values = [_logit(p) for p in per_view] if mode == "logit" else per_view
+        values = [logit(p) for p in per_view] if mode == "logit" else per_view
         total += weight * np.mean(values, axis=0)
     total /= sum(weights)
-    return 1 / (1 + np.exp(-total)) if mode == "logit" else total
+    return sigmoid(total) if mode == "logit" else total
 
 
 class Predictor:
