@@ -35,6 +35,8 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None =
 
 
 from .calibration import CALIBRATIONS, THRESHOLDS  # noqa: E402 - the choices live with their code
+from .data.sampling import SAMPLINGS  # noqa: E402
+from .models.heads import HEADS  # noqa: E402
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DECODE_ON = ("cpu", "gpu")
@@ -51,6 +53,8 @@ class ModelConfig:
         0.9, help="stop when less than this share of the backbone's tensors came from the weights"
     )
     drop_rate: float = setting(0.0, help="dropout before the classifier")
+    head: str = setting("linear", choices=HEADS, help="classifier head: linear (timm's) or csra (attention)")
+    head_lambda: float = setting(0.1, help="csra: weight of the attention scores beside the average-pooled ones")
 
 
 @dataclass
@@ -66,6 +70,12 @@ class DataConfig:
     decode_on: str = setting(
         "cpu", choices=DECODE_ON, help="decode + augment in Ray Data tasks (cpu) or in the worker, on its device (gpu)"
     )
+    sampling: str | None = setting(
+        None,
+        choices=SAMPLINGS,
+        help="re-balanced sampling per epoch (default: class-aware for a head-only stage, else none)",
+    )
+    repeat_threshold: float = setting(0.1, help="repeat-factor sampling: classes rarer than this share repeat")
 
 
 @dataclass
@@ -110,6 +120,18 @@ class TrainConfig:
     )
     thresholds: str = setting(
         "max-f1", choices=THRESHOLDS, help="per-class decision thresholds fitted on validation, stored with the model"
+    )
+    logit_adjust: bool = setting(
+        False, help="post-hoc logit adjustment (logit - tau log prior), tau chosen on validation, kept with the model"
+    )
+    logit_adjust_tau: float | None = setting(None, help="logit adjustment with this tau instead of choosing it")
+    init_from: str | None = setting(
+        None, help="MLflow run id: start from its logged model's weights (a second stage, linked to that run)"
+    )
+    head_only: bool = setting(
+        False,
+        flag="--train-head-only",
+        help="classifier re-training (cRT): freeze the backbone, re-initialise and train the head only",
     )
 
 
@@ -248,6 +270,8 @@ def resolve_defaults(cfg: Config) -> Config:
         t.storage_path = str(Path(os.getcwd()).resolve() / "ralflow-runs")
     elif "://" not in t.storage_path:
         t.storage_path = str(Path(t.storage_path).expanduser().resolve())
+    if cfg.data.sampling is None:  # classifier re-training (cRT) re-balances by default
+        cfg.data.sampling = "class-aware" if cfg.train.head_only else "none"
     if cfg.data.path and "://" not in cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
     for section, section_type in sections().items():
@@ -269,6 +293,7 @@ def resolve_defaults(cfg: Config) -> Config:
         ("train.accumulate_steps", tr.accumulate_steps, tr.accumulate_steps >= 1, ">= 1"),
         ("data.image_size", size, size is None or 16 <= size <= 4096, "16..4096, or unset for the prepared size"),
         ("data.map_cpus", cfg.data.map_cpus, cfg.data.map_cpus > 0, "> 0"),
+        ("data.repeat_threshold", cfg.data.repeat_threshold, 0 < cfg.data.repeat_threshold <= 1, "in (0, 1]"),
         ("optim.lr", cfg.optim.lr, cfg.optim.lr > 0, "> 0"),
     ):
         if not ok:

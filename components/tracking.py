@@ -212,6 +212,8 @@ class TrackedRun:
         card: str | None = None,
         calibration: dict | None = None,
         thresholds: dict | None = None,
+        head: str = "linear",
+        head_lambda: float = 0.1,
     ) -> None:
         """The trained network as the registered-model pyfunc: a model from code
         (``components/models/pyfunc.py``) with the ``components`` package beside it, pinned pip
@@ -238,6 +240,8 @@ class TrackedRun:
                 "in_chans": in_chans,
                 "image_size": image_size,
                 "label_names": list(label_names),
+                "head": head,
+                "head_lambda": head_lambda,
             }
             spec.write_text(json.dumps(meta))
             artifacts = {"weights": str(weights), "spec": str(spec)}
@@ -246,6 +250,8 @@ class TrackedRun:
                 decision.write_text(json.dumps({"calibration": calibration, "thresholds": thresholds}))
                 artifacts["calibration"] = str(decision)
                 meta["calibration"] = (calibration or {}).get("method", "none")
+                if (calibration or {}).get("logit_adjust"):
+                    meta["logit_adjust_tau"] = calibration["logit_adjust"]["tau"]
                 if thresholds:
                     meta["thresholds"] = thresholds
             if card:

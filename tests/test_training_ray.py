@@ -234,3 +234,66 @@ def test_a_run_too_big_for_the_embedded_ray_is_refused_before_it_starts(tiny_dat
     assert "on this machine; lower them" in r.stderr.strip().splitlines()[-1]
     assert "(flag --cpus-per-worker)" in r.stderr
     assert not (tmp_path / "mlflow.db").exists()  # refused before any run was opened
+
+
+def test_same_seed_same_metrics_then_a_crt_stage_from_the_run(tiny_dataset, tmp_path, ray_address):
+    """Seeded runs (row-group order, re-sampling, augmentation draws) log the same metrics; a cRT
+    stage starts from the first run's logged model, linked to it, and its model (CSRA head, logit
+    adjustment) loads and predicts."""
+    from components.config import load_config
+    from components.train import run_training
+
+    def config(name, sampling="repeat-factor", **train):
+        return load_config(
+            None,
+            {
+                "data": {"path": str(tiny_dataset), "image_size": 32, "sampling": sampling},
+                "model": {"name": "resnet10t", "head": "csra"},
+                "train": {"epochs": 2, "batch_size": 32, "num_workers": 0, "seed": 3, **train},
+                "tracking": {
+                    "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                    "storage_path": str(tmp_path / "runs"),
+                    "run_name": name,
+                },
+            },
+        )
+
+    said = []
+    first = run_training(config("first"), log=said.append)
+    second = run_training(config("second"), log=lambda *_: None)
+    c = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def history(run_id, key):
+        return [m.value for m in c.get_metric_history(run_id, key)]
+
+    for key in ("train_loss", "val_mAP", "sampled_pos_rate_tail"):
+        assert history(first["run_id"], key) == pytest.approx(history(second["run_id"], key), rel=1e-6), key
+    assert any("repeat-factor sampling: about" in line for line in said)
+    tail = history(first["run_id"], "sampled_pos_rate_tail")
+    assert len(tail) == 2 and tail[0] != tail[1]  # each epoch draws its copies afresh
+    freq = {k for k in c.get_run(first["run_id"]).data.metrics if k.startswith("sampled_freq/")}
+    assert len(freq) == len(json.loads((tiny_dataset / "manifest.json").read_text())["label_names"])
+
+    said.clear()
+    stage = config("crt", sampling=None, init_from=first["run_id"], head_only=True, logit_adjust=True)
+    crt = run_training(stage, log=said.append)
+    run = c.get_run(crt["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == first["run_id"] and run.data.tags["ralflow.stage"] == "crt"
+    assert run.data.params["data.sampling"] == "class-aware"  # the stage's default
+    assert any(line.startswith("[train] logit adjustment: tau") for line in said)
+    info = mlflow.models.get_model_info(f"runs:/{crt['run_id']}/model")
+    assert "logit_adjust_tau" in info.metadata
+    model = mlflow.pyfunc.load_model(f"runs:/{crt['run_id']}/model")
+    probs = model.predict(pd.DataFrame({"image": [np.full((50, 50), 90, np.uint8)]}))
+    assert np.asarray(probs).shape == (1, len(info.metadata["label_names"]))
+    from components.data.manifest import Manifest
+    from components.errors import UserError
+    from components.train.stages import load_init_weights
+
+    wrong = config("wrong-head", init_from=first["run_id"])
+    wrong.model.head = "linear"
+    with pytest.raises(UserError, match="its model is resnet10t with a csra head"):
+        load_init_weights(wrong, Manifest.load(tiny_dataset))
+    wrong.train.init_from = "0" * 32
+    with pytest.raises(UserError, match="no logged ralflow model there"):
+        load_init_weights(wrong, Manifest.load(tiny_dataset))

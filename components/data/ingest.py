@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .manifest import Manifest, filesystem_for
+from .sampling import AUG_SEED_COLUMN, SamplingPlan, sample_row_group
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,12 @@ class DecodeTransform:
         self.keep_ids = keep_ids  # string ids cannot go through iter_torch_batches
 
     def __call__(self, batch: dict) -> dict:
-        out = decode_images(batch["image"], self.image_size, self.augment, chunk=self.chunk_size)
+        generator = None
+        if self.augment is not None and AUG_SEED_COLUMN in batch and len(batch[AUG_SEED_COLUMN]):
+            import torch  # the row group's seeded draws (components.data.sampling)
+
+            generator = torch.Generator().manual_seed(int(batch[AUG_SEED_COLUMN][0]))
+        out = decode_images(batch["image"], self.image_size, self.augment, generator=generator, chunk=self.chunk_size)
         result = {"image": out.numpy(), "labels": _stack(batch["labels"]), "mask": _stack(batch["mask"])}
         if self.keep_ids:
             for key in ID_COLUMNS:
@@ -243,19 +249,24 @@ def row_groups(paths: list[str]) -> list[dict]:
         with filesystem.open_input_file(inner) as f:
             n = pq.ParquetFile(f).metadata.num_row_groups
         items.extend({"path": path, "row_group": i} for i in range(n))
+    for index, item in enumerate(items):  # the row group's number in the split: its sampling seed
+        item["index"] = index
     return items
 
 
-def read_row_group(batch, columns: list[str]):
-    """Ray Data task body: read the listed row groups (pyarrow.fs understands URIs)."""
+def read_row_group(batch, columns: list[str], plan: SamplingPlan | None = None):
+    """Ray Data task body: read the listed row groups (pyarrow.fs understands URIs); with a
+    ``plan`` (training), each is re-sampled for this epoch and carries its augmentation seed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     tables = []
-    for path, group in zip(batch.column("path").to_pylist(), batch.column("row_group").to_pylist()):
+    columns_of_items = (batch.column(name).to_pylist() for name in ("path", "row_group", "index"))
+    for path, group, index in zip(*columns_of_items):
         filesystem, inner = filesystem_for(path)
         with filesystem.open_input_file(inner) as f:
-            tables.append(pq.ParquetFile(f).read_row_group(int(group), columns=columns))
+            table = pq.ParquetFile(f).read_row_group(int(group), columns=columns)
+        tables.append(sample_row_group(table, plan, int(index)))
     return pa.concat_tables(tables)
 
 
@@ -268,6 +279,7 @@ def build_ray_dataset(
     keep_ids: bool = False,
     shuffle: bool | None = None,
     decode: bool = True,
+    plan: SamplingPlan | None = None,
 ):
     """Ray Dataset over one split: decoded, resized and (if ``augment``) augmented uint8 batches.
 
@@ -278,21 +290,34 @@ def build_ray_dataset(
     single task, which serialises decoding on one CPU; row-group tasks spread it over every CPU in
     the cluster. Stateless tasks, unlike an actor pool, hold no CPU between batches, so training
     workers always get theirs. Training (``shuffle``, default: when augmenting) visits the row
-    groups in a new random order every epoch.
+    groups in a new random order every epoch. A sampling ``plan`` (training) re-samples each row
+    group per epoch and seeds the row-group order and the augmentation draws with ``plan.seed``
+    (``components.data.sampling``).
     """
     import ray.data
+    from ray.data import RandomSeedConfig
 
     size = image_size or manifest.image_size
     columns = ["image", "labels", "mask"] + (list(ID_COLUMNS) if keep_ids else [])
     items = row_groups(manifest.shard_paths(split))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Executions are counted from here (one per epoch): the seeds do not depend on what the
+    # driver's Ray Data context ran before.
+    ds.context._execution_idx = 0
     if augment is not None if shuffle is None else shuffle:
         # Each row group is its own block: reordering blocks reshuffles row groups every epoch
         # without the CPU-hungry all-to-all tasks of random_shuffle (which can starve on a
-        # cluster whose CPUs the training workers hold).
-        ds = ds.randomize_block_order()
+        # cluster whose CPUs the training workers hold). Seeded, a new order per execution.
+        seed = RandomSeedConfig(seed=plan.seed, reseed_after_execution=True) if plan else None
+        ds = ds.randomize_block_order(seed=seed)
+    if plan is not None:  # rows in the seeded order, not in the order parallel tasks finish (Ray Train
+        ds.context.execution_options.preserve_order = True  # sets its own: trainer.seeded_ingest_options)
     ds = ds.map_batches(
-        read_row_group, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus
+        read_row_group,
+        fn_kwargs={"columns": columns, "plan": plan},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
     )
     if not decode:  # the consumer decodes on its device (``decode_images``): JPEG bytes on the wire
         return ds.map_batches(encoded_batch, fn_kwargs={"keep_ids": keep_ids}, batch_size=None, batch_format="numpy",

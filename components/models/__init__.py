@@ -13,11 +13,17 @@ def build_model(
     drop_rate: float = 0.0,
     pretrained: bool = False,
     min_loaded: float = 0.9,
+    head: str = "linear",
+    head_lambda: float = 0.1,
 ):
     """A timm model; with ``pretrained_path`` (a local file) or ``pretrained`` (timm's weights from
     the Hugging Face Hub or its cache) it starts from those weights, its stem adapted to
-    ``in_chans`` (``components.models.pretrained``); the load's report is ``model.load_report``."""
+    ``in_chans`` (``components.models.pretrained``); the load's report is ``model.load_report``.
+    ``head`` other than ``linear`` puts that head (``components.models.heads``) on the backbone's
+    unpooled features."""
     import timm
+
+    from .heads import HEADS, HeadedModel, make_head
 
     if name not in timm.list_models() and not timm.is_model(name):
         raise UserError(
@@ -25,19 +31,26 @@ def build_model(
             "(see timm.list_models(); e.g. resnet18, convnext_tiny, efficientnet_b0)",
             field="model.name",
         )
-    kwargs = {"num_classes": num_classes, "in_chans": in_chans}
+    if head not in HEADS:
+        raise UserError(f"model.head {head!r} is invalid; allowed: {' | '.join(HEADS)}", field="model.head")
+    kwargs = {"num_classes": num_classes if head == "linear" else 0, "in_chans": in_chans}
     if drop_rate:
         kwargs["drop_rate"] = drop_rate
     model = timm.create_model(name, pretrained=False, **kwargs)
-    model.load_report = None
+    report = None
     if pretrained_path or pretrained:
         from .pretrained import load_adapted, read_state_dict, timm_pretrained_state
 
         if pretrained_path:
             state, source = read_state_dict(pretrained_path), pretrained_path
+            if any(k.startswith("backbone.") for k in state):  # saved from a model with another head
+                state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
         else:
             state, source = timm_pretrained_state(name), f"timm ({name})"
-        model.load_report = load_adapted(model, state, source, min_loaded)
+        report = load_adapted(model, state, source, min_loaded)
+    if head != "linear":
+        model = HeadedModel(model, make_head(head, model.num_features, num_classes, head_lambda))
+    model.load_report = report
     return model
 
 

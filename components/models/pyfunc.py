@@ -40,7 +40,8 @@ class ChestXrayClassifier(mlflow.pyfunc.PythonModel):
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
         self.label_names = spec["label_names"]
         self.image_size, self.in_chans = spec["image_size"], spec["in_chans"]
-        self.model = build_model(spec["model"], len(self.label_names), self.in_chans)
+        head = {"head": spec.get("head", "linear"), "head_lambda": spec.get("head_lambda", 0.1)}
+        self.model = build_model(spec["model"], len(self.label_names), self.in_chans, **head)
         self.model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
         self.model.eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -43,6 +43,8 @@ def build_model_for(cfg: Config, manifest: Manifest):
         m.drop_rate,
         pretrained=m.pretrained,
         min_loaded=m.pretrained_min_loaded,
+        head=m.head,
+        head_lambda=m.head_lambda,
     )
 
 
@@ -89,6 +91,14 @@ class TrainingParts:
     ema: object = None  # timm ModelEmaV3 of the weights (train.ema), or None
     channels_last: bool = False  # inputs go in channels-last like the model
     accumulate: int = 1  # batches per optimiser step
+    head_only: bool = False  # cRT: the backbone is frozen, in eval mode
+    num_classes: int = 0
+
+    def train_mode(self) -> None:
+        from ..models import unwrap
+        from ..models.heads import set_training
+
+        set_training(unwrap(self.model), self.head_only)
 
     def state_dicts(self) -> dict:
         from ..models import unwrap
@@ -121,13 +131,26 @@ class TrainingParts:
             self.ema.update(unwrap(self.model), step=self.scheduler.last_epoch)
 
 
-def build_parts(cfg: Config, manifest: Manifest, device, world_size: int, prepare_model=lambda m: m) -> TrainingParts:
-    """Model (through ``prepare_model``, e.g. Ray Train's), loss, AdamW, warmup + cosine schedule
-    per step, and the gradient scaler (active for float16 autocast only)."""
+def build_parts(
+    cfg: Config,
+    manifest: Manifest,
+    device,
+    world_size: int,
+    prepare_model=lambda m: m,
+    init=None,
+    epoch_images: float | None = None,
+) -> TrainingParts:
+    """Model (through ``prepare_model``, e.g. Ray Train's; from ``init``, a first stage's weights,
+    when given), loss, AdamW over what trains, warmup + cosine schedule per step (epochs of
+    ``epoch_images``, default the training split), and the gradient scaler (active for float16
+    autocast only)."""
     import torch
+
+    from .stages import apply_init
 
     t = cfg.train
     model = build_model_for(cfg, manifest)
+    apply_init(model, init, t.head_only, len(manifest.label_names))
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
     channels_last = use_channels_last(t.channels_last, device)
@@ -137,9 +160,12 @@ def build_parts(cfg: Config, manifest: Manifest, device, world_size: int, prepar
     if t.compile:  # after DDP wrapping, as PyTorch recommends; checkpoints unwrap both
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda"
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        fused=device.type == "cuda",
     )
-    n_train = manifest.split("train").num_images
+    n_train = epoch_images or manifest.split("train").num_images
     steps_per_epoch = max(1, math.ceil(n_train / (t.batch_size * max(world_size, 1) * t.accumulate_steps)))
     o = cfg.optim
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -155,7 +181,10 @@ def build_parts(cfg: Config, manifest: Manifest, device, world_size: int, prepar
 
         ema = ModelEmaV3(unwrap(model), decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
     loss = build_loss_for(cfg, manifest).to(device)
-    return TrainingParts(model, loss, optimizer, scheduler, scaler, autocast, ema, channels_last, t.accumulate_steps)
+    return TrainingParts(
+        model, loss, optimizer, scheduler, scaler, autocast, ema, channels_last, t.accumulate_steps, t.head_only,
+        len(manifest.label_names),
+    )  # fmt: skip
 
 
 def use_channels_last(setting: bool | None, device) -> bool:

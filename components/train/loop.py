@@ -20,8 +20,10 @@ import numpy as np
 
 from ..config import Config
 from ..data.manifest import Manifest
+from ..data.sampling import ClassTally, SamplingPlan
 from ..tracking import TrackedRun
 from .build import TrainingParts
+from .stages import InitWeights
 
 
 @dataclass
@@ -34,6 +36,8 @@ class TrainJob:
     storage_dir: str  # the run's folder in Ray Train storage: its per-epoch checkpoints
     checkpoint_in_place: bool  # local mode: Ray does not persist reported checkpoints, write them here
     drill_marker: str | None = None  # fault drill: a file that says the drill already fired
+    plan: SamplingPlan | None = None  # the training split's re-sampling and data seeds
+    init: InitWeights | None = None  # a first stage's weights to start from (train.init_from)
 
 
 def autocast(device, dtype):
@@ -103,15 +107,18 @@ def free_resources() -> str:
 
 
 def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog | None = None) -> dict:
-    """One pass over this worker's batches: loss sum, images, optimiser steps and time spent
-    waiting. With ``accumulate`` > 1 the gradients of that many batches make one step (DDP syncs
-    only on the last of them); a remainder at the end of the epoch still makes a step."""
+    """One pass over this worker's batches: loss sum, images, optimiser steps, time spent waiting
+    and the positive labels seen per class. With ``accumulate`` > 1 the gradients of that many
+    batches make one step (DDP syncs only on the last of them); a remainder at the end of the
+    epoch still makes a step."""
     import torch
 
     from ..models.inputs import normalize
 
     loss_sum, seen, steps, micro, data_wait = 0.0, 0, 0, 0, 0.0
+    tally = ClassTally()
     n = parts.accumulate
+    parts.train_mode()
     t0 = t_wait = time.perf_counter()
     parts.optimizer.zero_grad(set_to_none=True)
     for batch in batches:
@@ -136,6 +143,7 @@ def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog |
             steps += optimiser_step(parts)
         loss_sum += float(loss.detach()) * len(x)
         seen += len(x)
+        tally.add(y, mask)
         t_wait = time.perf_counter()
     if micro % n:
         steps += optimiser_step(parts)
@@ -145,6 +153,7 @@ def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog |
         "steps": steps,
         "data_wait": data_wait,
         "time": time.perf_counter() - t0,
+        "positives": tally.counts(parts.num_classes),
     }
 
 
@@ -298,6 +307,23 @@ def merge_nodes(tag: str, nodes) -> str:
     return ",".join(sorted(set(filter(None, tag.split(","))) | set(nodes)))
 
 
+def group_means(values, groups, prefix: str) -> dict:
+    """``{prefix_head: mean over head classes, ...}`` for the groups present."""
+    out = {}
+    for group in ("head", "medium", "tail"):
+        picked = [float(v) for v, g in zip(values, groups) if g == group]
+        if picked:
+            out[f"{prefix}_{group}"] = sum(picked) / len(picked)
+    return out
+
+
+def per_class_metrics(prefix: str, names, values) -> dict:
+    """One MLflow metric per class, ``prefix/<label>`` (characters MLflow refuses become ``_``)."""
+    import re
+
+    return {f"{prefix}/{re.sub(r'[^A-Za-z0-9_.: /-]', '_', name)}": float(v) for name, v in zip(names, values)}
+
+
 def epoch_line(m: dict, epochs: int) -> str:
     from ..metrics import fmt
 
@@ -329,7 +355,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     check_room_for_data(cfg)  # a restart after a node loss must not take the CPUs Ray Data needs
     device = ray.train.torch.get_device()
-    parts = build_parts(cfg, job.manifest, device, world, prepare_model=ray.train.torch.prepare_model)
+    epoch_images = job.plan.expected_images if job.plan else None  # re-sampled epochs change length
+    parts = build_parts(cfg, job.manifest, device, world, ray.train.torch.prepare_model, job.init, epoch_images)
     start_epoch = restore(parts, job, device, rank)
     report = unwrap(parts.model).load_report
     if rank == 0 and job.run and report and start_epoch == 0:  # how much of the pretrained weights was used
@@ -376,6 +403,7 @@ def train_loop_per_worker(config: dict) -> None:
         loss_sum, seen, _ = (
             gather_to_all(np.array([stats["loss_sum"], stats["seen"], stats["steps"]]))[0].reshape(-1, 3).sum(0)
         )
+        sampled = gather_to_all(stats["positives"][None])[0].sum(0) / max(seen, 1)  # effective class frequencies
         metrics = {
             "epoch": epoch + 1,  # as people count: the console, MLflow's step and best_epoch agree
             "train_loss": loss_sum / max(seen, 1),
@@ -388,8 +416,10 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         per_class_ap, val_outputs = val.pop("per_class_ap"), val.pop("val_outputs", None)
         metrics.update(val)
+        metrics.update(group_means(sampled, job.manifest.group_list(), "sampled_pos_rate"))
         save_checkpoint(parts, job, epoch, metrics, per_class_ap, rank, val_outputs)
         if rank == 0:
             if job.run:  # logged after the checkpoint is safe: a restart never logs an epoch twice
                 job.run.log_epoch(metrics, epoch + 1)
+                job.run.log_metrics(per_class_metrics("sampled_freq", job.manifest.label_names, sampled), epoch + 1)
             print(epoch_line(metrics, cfg.train.epochs), flush=True)

@@ -15,6 +15,7 @@ from ..metrics import fmt
 from ..tracking import TrackedRun, check_tracking_uri, per_class_chart, per_class_table
 from .loop import TrainJob, train_loop_per_worker
 from .resources import check_resources, cpus_per_worker_that_fit
+from .stages import load_init_weights
 
 
 def load_dataset(cfg: Config, log=print) -> Manifest:
@@ -108,7 +109,7 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
     augment = augment_options(cfg) if decode else None
     datasets = {
         "train": build_ray_dataset(
-            job.manifest, "train", d.image_size, augment, d.map_cpus, shuffle=True, decode=decode
+            job.manifest, "train", d.image_size, augment, d.map_cpus, shuffle=True, decode=decode, plan=job.plan
         ),
         # with each image's study and view, for the study-level mAP
         "val": build_ray_dataset(job.manifest, "val", d.image_size, None, d.map_cpus, keep_ids=True, decode=decode),
@@ -141,8 +142,21 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
             ),
         ),
         datasets=datasets,
-        dataset_config=ExactValidationSplit(datasets_to_split=["train", "val"]),
+        dataset_config=ExactValidationSplit(
+            datasets_to_split=["train", "val"], execution_options={"train": seeded_ingest_options()}
+        ),
     )
+
+
+def seeded_ingest_options():
+    """Ray Train's ingest options, with the training rows delivered in the order of the seeded
+    row-group order (not in the order the parallel decode tasks finish), so a seed fixes what
+    each worker sees (on one node; across nodes, shard locality still depends on timing)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def scaling_config(cfg: Config):
@@ -162,12 +176,54 @@ def scaling_config(cfg: Config):
 
 
 def make_job(
-    cfg: Config, manifest: Manifest, run: TrackedRun, storage_path: str | None = None, name: str | None = None
+    cfg: Config,
+    manifest: Manifest,
+    run: TrackedRun,
+    storage_path: str | None = None,
+    name: str | None = None,
+    init=None,
+    log=print,
 ) -> TrainJob:
     storage_dir = storage_dir_of(cfg, storage_path, name)
     drill_on = cfg.train.fail_at_epoch is not None and "://" not in storage_dir
     drill = f"{storage_dir}/.fault-drill-done" if drill_on else None
-    return TrainJob(cfg, manifest, run, storage_dir, checkpoint_in_place=cfg.train.num_workers == 0, drill_marker=drill)
+    plan = sampling_plan(cfg, manifest, log)
+    if run is not None and plan.active:
+        run.log_params({"sampling.expected_epoch_images": round(plan.expected_images)})
+    return TrainJob(
+        cfg,
+        manifest,
+        run,
+        storage_dir,
+        checkpoint_in_place=cfg.train.num_workers == 0,
+        drill_marker=drill,
+        plan=plan,
+        init=init,
+    )
+
+
+def sampling_plan(cfg: Config, manifest: Manifest, log=print):
+    """The training split's sampling plan (``data.sampling``), from its labels."""
+    from ..data.sampling import SamplingPlan, plan_sampling, read_split_labels
+
+    d, seed = cfg.data, cfg.train.seed
+    if d.sampling == "none":
+        return SamplingPlan(seed=seed, expected_images=float(manifest.split("train").num_images))
+    labels, masks = read_split_labels(manifest.shard_paths("train"))
+    plan = plan_sampling(d.sampling, labels, masks, d.repeat_threshold, seed)
+    groups = manifest.group_list()
+
+    def share(freq, group) -> float:
+        picked = [f for f, g in zip(freq, groups) if g == group]
+        return sum(picked) / max(len(picked), 1)
+
+    log(
+        f"[train] {d.sampling} sampling: about {plan.expected_images:.0f} images per epoch "
+        f"(split: {len(labels)}); mean positive rate of tail classes {share(plan.natural_freq, 'tail'):.4f} "
+        f"-> {share(plan.target_freq, 'tail'):.4f}, head {share(plan.natural_freq, 'head'):.4f} "
+        f"-> {share(plan.target_freq, 'head'):.4f}"
+    )
+    return plan
 
 
 def first_line(exc: BaseException) -> str:
@@ -265,14 +321,35 @@ def model_weights(state: dict):
     return state["ema"] if state["metrics"].get("ema_selected") == 1.0 and "ema" in state else state["model"]
 
 
-def fit_decision_layer(cfg: Config, val_outputs: dict | None, names, log=print):
-    """(calibration, {label: threshold} or None), fitted on the best epoch's validation outputs."""
-    from ..calibration import apply_calibration, fit_calibration, fit_thresholds
+def fit_decision_layer(cfg: Config, val_outputs: dict | None, names, log=print, counts=(), n_train: int = 0):
+    """(calibration, {label: threshold} or None), fitted on the best epoch's validation outputs;
+    the calibration includes the logit adjustment (by the training split's class ``counts``)."""
+    import numpy as np
+
+    from ..calibration import (
+        adjust_logits,
+        apply_calibration,
+        fit_calibration,
+        fit_logit_adjustment,
+        fit_thresholds,
+        macro_f1,
+    )
 
     if not val_outputs or not len(val_outputs["probs"]):
         return {"method": "none"}, None
     probs, targets, masks = val_outputs["probs"], val_outputs["targets"], val_outputs["masks"]
-    calibration = fit_calibration(cfg.train.calibration, probs, targets, masks)
+    adjustment = None
+    if cfg.train.logit_adjust or cfg.train.logit_adjust_tau is not None:
+        prior = np.asarray(counts, np.float64) / max(n_train, 1)
+        adjustment = fit_logit_adjustment(probs, targets, masks, prior, cfg.train.logit_adjust_tau)
+        log(
+            f"[train] logit adjustment: tau {adjustment['tau']:g} "
+            f"(validation macro F1 at 0.5: {macro_f1(probs, targets, masks):.4f} "
+            f"-> {adjustment['macro_f1_at_0.5']:.4f})"
+        )
+    calibration = fit_calibration(cfg.train.calibration, adjust_logits(probs, adjustment), targets, masks)
+    if adjustment:
+        calibration["logit_adjust"] = adjustment
     cuts = fit_thresholds(cfg.train.thresholds, apply_calibration(calibration, probs), targets, masks)
     thresholds = dict(zip(names, cuts)) if cuts else None
     detail = f" (T={calibration['temperature']:.3f})" if calibration["method"] == "temperature" else ""
@@ -302,7 +379,9 @@ def log_best(job: TrainJob, state: dict, log=print) -> dict:
         run.log_file(Path(tmp) / "per_class_ap.png", "evaluation")
     run.log_files({"per_class_ap.csv": per_class_table(names, ap, counts, groups)}, "evaluation")
     if not run.has_model():
-        calibration, thresholds = fit_decision_layer(cfg, state.get("val_outputs"), names, log)
+        calibration, thresholds = fit_decision_layer(
+            cfg, state.get("val_outputs"), names, log, counts, manifest.split("train").num_images
+        )
         card = model_card(
             model_name=cfg.model.name,
             loss=cfg.loss.name,
@@ -333,7 +412,12 @@ def log_best(job: TrainJob, state: dict, log=print) -> dict:
                 f"[train] logging the {chosen} weights "
                 f"(val mAP raw {fmt(m.get('val_mAP_raw'))}, ema {fmt(m.get('val_mAP_ema'))})"
             )
-        run.log_model(weights, m_.name, m_.in_chans, cfg.data.image_size, names, card, calibration, thresholds)
+        run.log_model(
+            weights, m_.name, m_.in_chans, cfg.data.image_size, names, card, calibration, thresholds, m_.head,
+            m_.head_lambda,
+        )  # fmt: skip
+        if adjustment := calibration.get("logit_adjust"):
+            run.log_metrics({"logit_adjust_tau": adjustment["tau"]})
     run.finish("FINISHED")
     if restarts := run.restarts():  # after a worker failure or a rerun of the same run name
         log(
@@ -358,5 +442,6 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     if cfg.tracking.tracking_uri.startswith("sqlite:///"):
         sqlite_dir = str(Path(cfg.tracking.tracking_uri[len("sqlite:///") :]).parent)
         check_shared_path(sqlite_dir, "the SQLite tracking store in", field="tracking.tracking_uri")
-    run = open_run(cfg, manifest, log)
-    return fit_and_log(make_job(cfg, manifest, run), log)
+    init = load_init_weights(cfg, manifest, log)
+    run = open_run(cfg, manifest, log, extra_tags=init.tags(cfg.train.head_only) if init else None)
+    return fit_and_log(make_job(cfg, manifest, run, init=init, log=log), log)

@@ -25,6 +25,7 @@ from ..train.trainer import (
     STORAGE_TAG,
     fit_and_log,
     load_dataset,
+    load_init_weights,
     make_job,
     open_run,
     storage_dir_of,
@@ -94,10 +95,12 @@ def make_trial_fn(
             say(f"already finished in MLflow run {done.run_id}; not run again")
             tune.report({"val_mAP": m.get("best_val_mAP", math.nan), "epoch": cfg.train.epochs})
             return
-        tags = {"mlflow.parentRunId": parent_run_id, "ralflow.sweep": sweep, "ralflow.trial_id": trial_id}
+        init = load_init_weights(cfg, manifest, say)  # a sweep over a second stage (e.g. cRT)
+        tags = {**(init.tags(cfg.train.head_only) if init else {}), "mlflow.parentRunId": parent_run_id,
+                "ralflow.sweep": sweep, "ralflow.trial_id": trial_id}  # fmt: skip
         trials_storage = f"{storage}/{sweep}-trials"
         run = open_run(cfg, manifest, say, extra_tags=tags, storage_dir=storage_dir_of(cfg, trials_storage, trial_id))
-        job = make_job(cfg, manifest, run, storage_path=trials_storage, name=trial_id)
+        job = make_job(cfg, manifest, run, storage_path=trials_storage, name=trial_id, init=init, log=say)
         fit_and_log(job, say, callbacks=[TuneReportCallback()], storage_path=trials_storage, name=trial_id)
 
     return trial
