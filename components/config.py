@@ -239,15 +239,34 @@ def merge(cfg: Config, overrides: dict, origin: str) -> Config:
     return cfg
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def recipes() -> list[str]:
+    """Names of the configs shipped in the package (``components/recipes/NAME.yaml``)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A config file: the path as given, or the packaged recipe of that name."""
+    path = Path(name_or_path)
+    if not path.is_file() and (RECIPES / f"{name_or_path}.yaml").is_file():
+        return RECIPES / f"{name_or_path}.yaml"
+    return path
+
+
 def load_config(yaml_path: str | None = None, overrides: dict | None = None) -> Config:
-    """Typed defaults, then the YAML file, then ``overrides`` (from flags); defaults resolved."""
+    """Typed defaults, then the YAML file (a path, or a packaged recipe's name), then
+    ``overrides`` (from flags); defaults resolved."""
     import yaml
 
     cfg = Config()
     if yaml_path:
-        path = Path(yaml_path)
+        path = recipe_path(yaml_path)
         if not path.is_file():
-            raise UserError(f"config {yaml_path}: file not found", field="config")
+            raise UserError(
+                f"config {yaml_path}: file not found (packaged recipes: {', '.join(recipes())})", field="config"
+            )
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

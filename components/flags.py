@@ -77,7 +77,11 @@ def dataclass_values(args: argparse.Namespace, dc_type: type, dest_prefix: str =
 def add_config_flags(parser, exclude=(), cfg_type: type = Config) -> None:
     """``--config FILE.yaml`` plus a flag for every field of the training config; ``exclude``
     holds ``section.key`` names a workflow sets itself."""
-    parser.add_argument("--config", help="YAML file overriding the typed defaults (flags override it)")
+    parser.add_argument(
+        "--config",
+        help="YAML file, or a packaged recipe's name (e.g. cxr-lt-2023-gpu), overriding the typed defaults "
+        "(flags override it)",
+    )
     for section, section_type in sections(cfg_type).items():
         add_dataclass_flags(parser, section_type, f"{section}.", exclude)
 

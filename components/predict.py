@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import setting
+from .config import DECODE_ON, setting
 from .errors import UserError
 from .studies import AGGREGATES, aggregate
 
@@ -40,6 +40,11 @@ class PredictOptions:
     tta: str = setting("none", help="test-time augmentation, averaged with the plain image: hflip, scale or both")
     aggregate: str = setting("none", choices=AGGREGATES, help="score each image with its study's probabilities")
     findings: bool = setting(False, help="also write <out>.findings.csv: 0/1 per finding at the model's thresholds")
+    decode_on: str = setting(
+        "cpu",
+        choices=DECODE_ON,
+        help="with --data: decode in Ray Data tasks (cpu) or in the model's actor, on its GPU",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.model_uri, str):
@@ -90,17 +95,23 @@ class Predictor:
     """Ray Data actor: loads the models once and scores uint8 image batches, every TTA view and
     every model of the ensemble in the same pass (the models resize and normalise themselves)."""
 
-    def __init__(self, model_uris: list[str], tracking_uri: str, weights, views, mode: str) -> None:
+    def __init__(
+        self, model_uris: list[str], tracking_uri: str, weights, views, mode: str, image_size: int = 0
+    ) -> None:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
         self.models = [mlflow.pyfunc.load_model(uri).unwrap_python_model() for uri in model_uris]
-        self.weights, self.views, self.mode = weights, views, mode
+        self.weights, self.views, self.mode, self.image_size = weights, views, mode, image_size
 
     def __call__(self, batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k != "image"}
         pixels = np.asarray(batch["image"])
+        if pixels.dtype == object:  # decode_on gpu: JPEG bytes, decoded on the model's device (nvJPEG)
+            from .data.ingest import decode_images
+
+            pixels = decode_images(list(pixels), self.image_size, None, self.models[0].device).cpu().numpy()
         pixels = pixels[:, 0] if pixels.ndim == 4 else pixels
         out["probs"] = ensemble_probs(self.models, self.weights, self.views, self.mode, pixels)
         return out
@@ -166,11 +177,17 @@ def source_dataset(opts: PredictOptions, label_names: list[str], image_size: int
                 field="data",
             )
         split = opts.split or ("test" if "test" in manifest.splits else "val")
-        ds = build_ray_dataset(manifest, split, image_size, None, keep_ids=True, num_cpus=0.5)
+        decode = opts.decode_on == "cpu"  # gpu: the stored JPEG bytes travel to the model's actor
+        ds = build_ray_dataset(manifest, split, image_size, None, keep_ids=True, num_cpus=0.5, decode=decode)
         log(f"predict: {manifest.split(split).num_images} images from split '{split}' of {opts.data}")
         return ds, split, manifest.group_list()
     from .data.readers import read_source
 
+    if opts.decode_on != "cpu":
+        raise UserError(
+            "decode_on gpu needs --data (a prepared dataset of JPEGs); --source images are read on CPUs",
+            field="decode_on",
+        )
     table = read_source(opts.format, opts.source)
     if list(table.label_names) != label_names:
         raise UserError(
@@ -253,6 +270,7 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
             "weights": weights,
             "views": views,
             "mode": opts.ensemble,
+            "image_size": image_size,
         },
         batch_size=opts.batch_size,
         batch_format="numpy",

@@ -136,6 +136,7 @@ def test_a_crt_stage_changes_only_the_head(head):
     from components.train.loop import train_epoch
     from components.train.stages import InitWeights
 
+    from .test_compute import batches
     from .test_training_units import tiny_manifest
 
     manifest = tiny_manifest({"a": 30, "b": 10, "c": 3})
@@ -154,16 +155,7 @@ def test_a_crt_stage_changes_only_the_head(head):
     start = {k: v.clone() for k, v in parts.model.state_dict().items()}
     assert all(torch.equal(start[k], first[k]) for k in first if k not in head)  # the first stage's backbone
     assert all(not torch.equal(start[k], first[k]) for k in head if k.endswith("weight"))  # a fresh head
-    g = torch.Generator().manual_seed(0)
-    batches = [
-        {
-            "image": torch.randint(0, 255, (8, 1, 32, 32), dtype=torch.uint8, generator=g),
-            "labels": (torch.rand(8, 3, generator=g) < 0.4).float(),
-            "mask": torch.ones(8, 3),
-        }
-        for _ in range(3)
-    ]
-    train_epoch(parts, batches, torch.device("cpu"))
+    train_epoch(parts, batches(3), torch.device("cpu"))
     after = parts.model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], start[k])}
     assert changed and changed <= head, changed - head  # batch-norm statistics included: frozen
@@ -185,3 +177,39 @@ def test_logit_adjustment_is_chosen_on_validation_and_keeps_each_class_ranking()
     for c in range(3):  # a shift per class: each class's order, hence its AP, is unchanged
         assert np.array_equal(np.argsort(adjusted[:, c], kind="stable"), np.argsort(probs[:, c], kind="stable"))
     assert adjusted[:, 2].mean() > probs[:, 2].mean()  # the rare class moves up
+
+
+def test_tune_search_spaces_take_sampling_ema_head_and_tau(tmp_path):
+    from components.tune.space import apply_sample, load_search_space, to_tune
+
+    override = tmp_path / "space.yaml"
+    override.write_text(
+        "ral:\n"
+        "  data.sampling: {choice: [none, repeat-factor, class-aware]}\n"
+        "  train.ema: {choice: [true, false]}\n"
+        "  train.ema_decay: {loguniform: [0.99, 0.9999]}\n"
+        "  model.head: {choice: [linear, csra]}\n"
+        "  train.logit_adjust_tau: {uniform: [0.0, 2.0]}\n"
+    )
+    space = load_search_space("ral", str(override))
+    assert {"data.sampling", "train.ema_decay", "model.head", "train.logit_adjust_tau", "loss.lamb"} <= set(space)
+    assert set(to_tune(space)) == set(space)
+    sample = {"data.sampling": "class-aware", "train.ema": True, "train.ema_decay": np.float64(0.999),
+              "model.head": "csra", "train.logit_adjust_tau": 0.5}  # fmt: skip
+    cfg = apply_sample(load_config(None, {}), sample)
+    assert (cfg.data.sampling, cfg.train.ema, cfg.train.ema_decay) == ("class-aware", True, 0.999)
+    assert (cfg.model.head, cfg.train.logit_adjust_tau) == ("csra", 0.5)
+    with pytest.raises(UserError, match="model.head='mlp' is invalid"):
+        from components.config import resolve_defaults
+
+        resolve_defaults(apply_sample(load_config(None, {}), {"model.head": "mlp"}))
+
+
+def test_packaged_recipes_load_by_name():
+    from components.config import recipes
+
+    assert "cxr-lt-2023-gpu" in recipes()
+    cfg = load_config("cxr-lt-2023-gpu", {"data": {"path": "/data/cxr-lt-2023"}})
+    assert cfg.train.use_gpu and cfg.data.image_size == 512 and cfg.model.pretrained and cfg.data.decode_on == "gpu"
+    with pytest.raises(UserError, match="packaged recipes: .*cxr-lt-2023-gpu"):
+        load_config("no-such-recipe", {})

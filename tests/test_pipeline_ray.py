@@ -73,6 +73,10 @@ def test_run_then_predict_from_champion(tmp_path, cli, ray_address):
     assert header2 == header and [x[0] for x in rows2] == [x[0] for x in rows]
     assert all(0.0 <= float(v) <= 1.0 for row in rows2 for v in row[1:])
     assert rows2 == rows  # same model, same images: the same numbers
+    # decode_on gpu (here on the CPU device): JPEG bytes to the model's actor, decoded there alike
+    r = predict_champion("--data", str(work / "data"), "--decode-on", "gpu", out=tmp_path / "in_actor.csv")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert read_submission(tmp_path / "in_actor.csv")[1] == rows
 
     # from the CSV + image root, with one development image gone: reported, not fatal
     dev = list(csv.DictReader(open(work / "synth" / "development.csv")))

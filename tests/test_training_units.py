@@ -237,23 +237,16 @@ def test_ema_weights_follow_training_and_come_back_from_a_checkpoint():
     from components.train.build import build_parts
     from components.train.loop import train_epoch
 
+    from .test_compute import batches
+
     manifest = tiny_manifest({"a": 30, "b": 10, "c": 3})
     cfg = load_config(None, {"model": {"name": "resnet10t"}, "train": {"ema": True, "ema_decay": 0.9, "epochs": 2}})
     cfg.data.image_size = 32
     device = torch.device("cpu")
     torch.manual_seed(0)
     parts = build_parts(cfg, manifest, device, 1)
-    g = torch.Generator().manual_seed(0)
-    batches = [
-        {
-            "image": torch.randint(0, 255, (8, 1, 32, 32), dtype=torch.uint8, generator=g),
-            "labels": (torch.rand(8, 3, generator=g) < 0.3).float(),
-            "mask": torch.ones(8, 3),
-        }
-        for _ in range(4)
-    ]
     before = {k: v.clone() for k, v in parts.ema.module.state_dict().items()}
-    train_epoch(parts, batches, device)
+    train_epoch(parts, batches(), device)
     raw, ema = parts.model.state_dict(), parts.ema.module.state_dict()
     key = "conv1.0.weight"
     assert not torch.equal(ema[key], before[key]) and not torch.equal(ema[key], raw[key])  # an average: between
