@@ -8,17 +8,18 @@ Every row trains with `ralflow train`'s library call (local mode: the driver tra
 decodes) and reports the best epoch's validation mAP: macro, head, medium and tail, as the mean
 over the seeds with the spread (half the difference between the two seeds). Rows:
 
-- ``RAL defaults``: the default config (RAL, linear head, no EMA, no re-sampling).
+- ``RAL alone``: RAL with its defaults, linear head, no EMA, no re-sampling (``--sampling none``;
+  repeat-factor became the default after this ablation).
 - ``+ EMA``, ``+ repeat-factor``, ``+ class-aware``, ``+ CSRA head``: that one setting changed.
-- ``+ cRT``: a second stage from the same seed's RAL-defaults run (``--init-from RUN
+- ``+ cRT``: a second stage from the same seed's RAL-alone run (``--init-from RUN
   --train-head-only``: backbone frozen, head re-initialised, class-aware sampling) for
   ``--crt-epochs``.
-- ``+ logit adjustment``: the RAL-defaults runs themselves (it is post-hoc: the same seed trains
+- ``+ logit adjustment``: the RAL-alone runs themselves (it is post-hoc: the same seed trains
   the same model), whose validation outputs choose tau; the macro F1 at 0.5 column shows what it
   changes, since a shift per class leaves every class's AP as it is.
 - ``pretrained start``: a model pretrained on a disjoint synthetic set (other images, seed 100),
   its classifier dropped as for another label set, loaded with ``model.pretrained_path`` and
-  fine-tuned with RAL defaults.
+  fine-tuned with RAL alone.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def main() -> None:
 
     def train(name: str, seed: int, dataset: Path = data, epochs: int | None = None, **sections) -> dict:
         overrides = {
-            "data": {"path": str(dataset)},
+            "data": {"path": str(dataset), "sampling": "none"},
             "model": {"name": a.model},
             "train": {"epochs": epochs or a.epochs, "seed": seed, "num_workers": 0, "batch_size": 32},
             "tracking": {"tracking_uri": uri, "storage_path": str(work / "runs"), "experiment": "ablation",
@@ -98,14 +99,15 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
     for seed in a.seeds:
         base = train("ral", seed, train={"logit_adjust": True})
-        rows.setdefault("RAL defaults", []).append({**base, "f1_shown": base["f1"][0] if base["f1"] else None})
+        rows.setdefault("RAL alone", []).append({**base, "f1_shown": base["f1"][0] if base["f1"] else None})
         rows.setdefault("+ logit adjustment", []).append({**base, "f1_shown": base["f1"][1] if base["f1"] else None})
         rows.setdefault("+ EMA", []).append(train("ema", seed, train={"ema": True, "ema_decay": 0.998}))
         rows.setdefault("+ repeat-factor", []).append(train("rfs", seed, data={"sampling": "repeat-factor"}))
         rows.setdefault("+ class-aware", []).append(train("cas", seed, data={"sampling": "class-aware"}))
         rows.setdefault("+ CSRA head", []).append(train("csra", seed, model={"head": "csra"}))
         crt = {"init_from": base["run_id"], "head_only": True}
-        rows.setdefault("+ cRT (head only, class-aware)", []).append(train("crt", seed, epochs=a.crt_epochs, train=crt))
+        stage = train("crt", seed, epochs=a.crt_epochs, train=crt, data={"sampling": "class-aware"})
+        rows.setdefault("+ cRT (head only, class-aware)", []).append(stage)
 
     # The pretrained start: a backbone trained on other images, its classifier dropped.
     pre = train("pretrain", 0, dataset=other)

@@ -73,7 +73,7 @@ class DataConfig:
     sampling: str | None = setting(
         None,
         choices=SAMPLINGS,
-        help="re-balanced sampling per epoch (default: class-aware for a head-only stage, else none)",
+        help="re-balanced sampling per epoch (default: class-aware for a head-only stage, else repeat-factor)",
     )
     repeat_threshold: float = setting(0.1, help="repeat-factor sampling: classes rarer than this share repeat")
 
@@ -289,8 +289,8 @@ def resolve_defaults(cfg: Config) -> Config:
         t.storage_path = str(Path(os.getcwd()).resolve() / "ralflow-runs")
     elif "://" not in t.storage_path:
         t.storage_path = str(Path(t.storage_path).expanduser().resolve())
-    if cfg.data.sampling is None:  # classifier re-training (cRT) re-balances by default
-        cfg.data.sampling = "class-aware" if cfg.train.head_only else "none"
+    if cfg.data.sampling is None:  # re-sampling beat the seed spread in bench/ablation.py (README)
+        cfg.data.sampling = "class-aware" if cfg.train.head_only else "repeat-factor"
     if cfg.data.path and "://" not in cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
     for section, section_type in sections().items():

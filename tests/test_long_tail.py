@@ -80,7 +80,7 @@ def test_each_epoch_draws_afresh_and_the_same_seed_draws_the_same():
 
 
 def test_the_head_only_stage_defaults_to_class_aware_sampling():
-    assert load_config(None, {}).data.sampling == "none"
+    assert load_config(None, {}).data.sampling == "repeat-factor"  # the ablation's winner
     assert load_config(None, {"train": {"head_only": True}}).data.sampling == "class-aware"
     assert load_config(None, {"train": {"head_only": True}, "data": {"sampling": "none"}}).data.sampling == "none"
     with pytest.raises(UserError, match="data.sampling='often' is invalid"):

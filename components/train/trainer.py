@@ -152,9 +152,13 @@ def seeded_ingest_options():
     """Ray Train's ingest options, with the training rows delivered in the order of the seeded
     row-group order (not in the order the parallel decode tasks finish), so a seed fixes what
     each worker sees (on one node; across nodes, shard locality still depends on timing)."""
+    import warnings
+
     import ray.train
 
-    options = ray.train.DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray's own defaults set a field Ray deprecates: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+        options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
 
