@@ -278,3 +278,28 @@ def test_the_better_of_raw_and_ema_weights_is_the_epochs_model():
     state = {"model": "raw weights", "ema": "ema weights", "metrics": {"ema_selected": 1.0}}
     assert model_weights(state) == "ema weights"
     assert model_weights({**state, "metrics": {"ema_selected": 0.0}}) == "raw weights"
+
+
+def test_warm_start_fetches_the_first_batch_before_it_is_asked_for():
+    import threading
+
+    from components.train.loop import WarmStart
+
+    fetched = threading.Event()
+
+    def batches():
+        fetched.set()
+        yield 1
+        yield 2
+
+    warm = WarmStart(batches())
+    assert fetched.wait(5)  # the data side started while nothing iterated yet (the model being built)
+    assert list(warm) == [1, 2]
+
+    def broken():
+        raise RuntimeError("no data")
+        yield
+
+    with pytest.raises(RuntimeError, match="no data"):  # raised where the batches are consumed
+        list(WarmStart(broken()))
+    assert list(WarmStart(iter(()))) == []

@@ -239,15 +239,20 @@ def gather_to_all(*arrays):
     return tuple(np.concatenate(p) for p in parts)
 
 
-def restore(parts: TrainingParts, job: TrainJob, device, rank: int) -> int:
-    """Load the newest checkpoint of this run, if any; returns the first epoch to train (0-based:
-    checkpoints count epochs from 0, what users see counts from 1)."""
+def newest_state(job: TrainJob, device) -> dict | None:
+    """The newest checkpoint of this run (to resume from), or None."""
     import ray.train
 
     from .checkpoints import newest_checkpoint_state
 
     run_id = job.run.run_id if job.run else None
-    state = newest_checkpoint_state(job.storage_dir, run_id, ray.train.get_checkpoint(), device)
+    return newest_checkpoint_state(job.storage_dir, run_id, ray.train.get_checkpoint(), device)
+
+
+def restore(parts: TrainingParts, job: TrainJob, state: dict | None, rank: int) -> int:
+    """Load ``state`` (``newest_state``), if any; returns the first epoch to train (0-based:
+    checkpoints count epochs from 0, what users see counts from 1)."""
+    run_id = job.run.run_id if job.run else None
     if not state:
         return 0
     parts.load_state_dicts(state)
@@ -336,6 +341,50 @@ def epoch_line(m: dict, epochs: int) -> str:
     )
 
 
+class WarmStart:
+    """An iterable whose first item is fetched in a thread from the moment it is made: the first
+    epoch's batches start flowing (Ray Data's decode tasks start, their workers import torch)
+    while the model is built, restored and moved to the device, instead of after."""
+
+    def __init__(self, iterable) -> None:
+        import threading
+
+        self._it, self._first, self._error = iter(iterable), [], None
+        self._thread = threading.Thread(target=self._fetch, name="ralflow-warm-ingest", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._it))
+        except StopIteration:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - raised where the batches are consumed
+            self._error = exc
+
+    def __iter__(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._it
+
+
+def train_batches(cfg: Config, shard, device, epoch: int, rank: int):
+    """One epoch of this worker's training batches on ``device``: decoded in Ray Data tasks, or
+    (``data.decode_on: gpu``) decoded and augmented here with draws seeded by (seed, rank, epoch)."""
+    import torch
+
+    from ..data.ingest import device_batches
+    from .build import augment_options
+
+    batch_size, size = cfg.train.batch_size, cfg.data.image_size
+    if cfg.data.decode_on == "gpu":
+        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + rank * 10_007 + epoch)
+        raw = shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+        return device_batches(raw, device, size, augment_options(cfg), generator)
+    return shard.iter_torch_batches(batch_size=batch_size, device=device, pin_memory=device.type == "cuda")
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
@@ -345,7 +394,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ..data.ingest import device_batches
     from ..metrics import validation_metrics
     from ..models import unwrap
-    from .build import augment_options, build_parts
+    from .build import build_parts
     from .resources import check_room_for_data
 
     job: TrainJob = config["job"]
@@ -355,9 +404,17 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     check_room_for_data(cfg)  # a restart after a node loss must not take the CPUs Ray Data needs
     device = ray.train.torch.get_device()
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    state = newest_state(job, device)
+    first_epoch = state["epoch"] + 1 if state else 0
+    warm = (  # the first epoch's data starts flowing now, while the model is built and restored
+        WarmStart(train_batches(cfg, train_shard, device, first_epoch, rank))
+        if first_epoch < cfg.train.epochs
+        else None
+    )
     epoch_images = job.plan.expected_images if job.plan else None  # re-sampled epochs change length
     parts = build_parts(cfg, job.manifest, device, world, ray.train.torch.prepare_model, job.init, epoch_images)
-    start_epoch = restore(parts, job, device, rank)
+    start_epoch = restore(parts, job, state, rank)
     report = unwrap(parts.model).load_report
     if rank == 0 and job.run and report and start_epoch == 0:  # how much of the pretrained weights was used
         job.run.log_params(report.params())
@@ -365,20 +422,12 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0 and job.run:  # every node the run has used, across restarts
         before = job.run.get().data.tags.get("ralflow.worker_nodes", "")
         job.run.set_tags({"ralflow.worker_nodes": merge_nodes(before, nodes.tolist())})
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
     for epoch in range(start_epoch, cfg.train.epochs):
         fault_drill(job, epoch, rank, world)
         t_epoch = time.perf_counter()
         with StallWatchdog(cfg.train.stall_warn_s, rank, check=lambda: check_room_for_data(cfg)) as watchdog:
-            if cfg.data.decode_on == "gpu":  # decode + augment here, draws seeded by (seed, rank, epoch)
-                generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + rank * 10_007 + epoch)
-                raw = train_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
-                batches = device_batches(raw, device, size, augment_options(cfg), generator)
-            else:
-                batches = train_shard.iter_torch_batches(
-                    batch_size=batch_size, device=device, pin_memory=device.type == "cuda"
-                )
+            batches = warm if epoch == start_epoch and warm else train_batches(cfg, train_shard, device, epoch, rank)
             stats = train_epoch(parts, batches, device, watchdog)
         # Every worker scores its share of the validation split with the unwrapped module (no DDP
         # collective inside), the shares are gathered, and rank 0 scores the whole once.
