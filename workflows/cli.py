@@ -82,10 +82,24 @@ def execute(module, args: argparse.Namespace, prog: str) -> int:
         return 2
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)
-        return 143
+        return exit_now_if_ray(143)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return exit_now_if_ray(130)
+
+
+def exit_now_if_ray(code: int) -> int:
+    """After Ctrl-C or SIGTERM every run is already closed, but a Ray Train fit may still be running
+    in its daemon thread; at interpreter exit Ray's shutdown races it ("the core worker has already
+    been shutdown"), and the process then ends with 1 instead of ``code``. So a process connected
+    to Ray exits at once with ``code``: the Ray processes it started share its fate, and a cluster
+    cleans up the job's actors when its driver is gone."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def one_line(exc: BaseException, flags: dict[str, str]) -> str:
