@@ -48,6 +48,13 @@ def nanmean(values) -> float:
     return float(v.mean()) if v.size else math.nan
 
 
+def group_means(values, groups: Sequence[str], empty=math.nan) -> dict:
+    """``{group: mean of the values of its classes}`` for head, medium and tail (NaN values left
+    out); ``empty`` for a group without classes."""
+    v, g = np.asarray(values, dtype=np.float64), np.asarray(groups)
+    return {name: nanmean(v[g == name]) if (g == name).any() else empty for name in GROUPS}
+
+
 def multilabel_metrics(
     probs: np.ndarray,
     targets: np.ndarray,
@@ -58,9 +65,7 @@ def multilabel_metrics(
     ap = per_class_ap(probs, targets, mask)
     out = {"mAP": nanmean(ap), "AUROC": nanmean(per_class_auroc(probs, targets, mask)), "per_class_ap": ap}
     if groups is not None:
-        g = np.asarray(groups)
-        for name in GROUPS:
-            out[f"mAP_{name}"] = nanmean(ap[g == name]) if (g == name).any() else math.nan
+        out.update({f"mAP_{name}": value for name, value in group_means(ap, groups).items()})
     return out
 
 

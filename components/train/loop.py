@@ -312,16 +312,6 @@ def merge_nodes(tag: str, nodes) -> str:
     return ",".join(sorted(set(filter(None, tag.split(","))) | set(nodes)))
 
 
-def group_means(values, groups, prefix: str) -> dict:
-    """``{prefix_head: mean over head classes, ...}`` for the groups present."""
-    out = {}
-    for group in ("head", "medium", "tail"):
-        picked = [float(v) for v, g in zip(values, groups) if g == group]
-        if picked:
-            out[f"{prefix}_{group}"] = sum(picked) / len(picked)
-    return out
-
-
 def per_class_metrics(prefix: str, names, values) -> dict:
     """One MLflow metric per class, ``prefix/<label>`` (characters MLflow refuses become ``_``)."""
     import re
@@ -392,7 +382,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from ..data.ingest import device_batches
-    from ..metrics import validation_metrics
+    from ..metrics import group_means, validation_metrics
     from ..models import unwrap
     from .build import build_parts
     from .resources import check_room_for_data
@@ -465,7 +455,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         per_class_ap, val_outputs = val.pop("per_class_ap"), val.pop("val_outputs", None)
         metrics.update(val)
-        metrics.update(group_means(sampled, job.manifest.group_list(), "sampled_pos_rate"))
+        rates = group_means(sampled, job.manifest.group_list(), empty=None)  # groups with classes only
+        metrics.update({f"sampled_pos_rate_{g}": v for g, v in rates.items() if v is not None})
         save_checkpoint(parts, job, epoch, metrics, per_class_ap, rank, val_outputs)
         if rank == 0:
             if job.run:  # logged after the checkpoint is safe: a restart never logs an epoch twice

@@ -213,19 +213,17 @@ def sampling_plan(cfg: Config, manifest: Manifest, log=print):
     d, seed = cfg.data, cfg.train.seed
     if d.sampling == "none":
         return SamplingPlan(seed=seed, expected_images=float(manifest.split("train").num_images))
+    from ..metrics import group_means
+
     labels, masks = read_split_labels(manifest.shard_paths("train"))
     plan = plan_sampling(d.sampling, labels, masks, d.repeat_threshold, seed)
-    groups = manifest.group_list()
-
-    def share(freq, group) -> float:
-        picked = [f for f, g in zip(freq, groups) if g == group]
-        return sum(picked) / max(len(picked), 1)
-
+    before, after = (
+        group_means(freq, manifest.group_list(), empty=0.0) for freq in (plan.natural_freq, plan.target_freq)
+    )
     log(
         f"[train] {d.sampling} sampling: about {plan.expected_images:.0f} images per epoch "
-        f"(split: {len(labels)}); mean positive rate of tail classes {share(plan.natural_freq, 'tail'):.4f} "
-        f"-> {share(plan.target_freq, 'tail'):.4f}, head {share(plan.natural_freq, 'head'):.4f} "
-        f"-> {share(plan.target_freq, 'head'):.4f}"
+        f"(split: {len(labels)}); mean positive rate of tail classes {before['tail']:.4f} "
+        f"-> {after['tail']:.4f}, head {before['head']:.4f} -> {after['head']:.4f}"
     )
     return plan
 
