@@ -311,7 +311,7 @@ def build_ray_dataset(
         seed = RandomSeedConfig(seed=plan.seed, reseed_after_execution=True) if plan else None
         ds = ds.randomize_block_order(seed=seed)
     if plan is not None:  # rows in the seeded order, not in the order parallel tasks finish (Ray Train
-        ds.context.execution_options.preserve_order = True  # sets its own: trainer.seeded_ingest_options)
+        ds.context.execution_options.preserve_order = True  # carries it over: trainer.ingest_options)
     ds = ds.map_batches(
         read_row_group,
         fn_kwargs={"columns": columns, "plan": plan},

@@ -143,15 +143,18 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
         ),
         datasets=datasets,
         dataset_config=ExactValidationSplit(
-            datasets_to_split=["train", "val"], execution_options={"train": seeded_ingest_options()}
+            datasets_to_split=["train", "val"],
+            execution_options={name: ingest_options(ds) for name, ds in datasets.items()},
         ),
     )
 
 
-def seeded_ingest_options():
-    """Ray Train's ingest options, with the training rows delivered in the order of the seeded
-    row-group order (not in the order the parallel decode tasks finish), so a seed fixes what
-    each worker sees (on one node; across nodes, shard locality still depends on timing)."""
+def ingest_options(ds):
+    """Ray Train's ingest options for ``ds``, keeping the dataset's own ``preserve_order``, which
+    Ray Train's defaults would replace: a seeded training dataset (``build_ray_dataset`` with a
+    plan) delivers its rows in the seeded row-group order, not in the order the parallel decode
+    tasks finish, so a seed fixes what each worker sees (on one node; across nodes, shard
+    locality still depends on timing)."""
     import warnings
 
     import ray.train
@@ -159,7 +162,7 @@ def seeded_ingest_options():
     with warnings.catch_warnings():  # Ray's own defaults set a field Ray deprecates: not the user's to fix
         warnings.filterwarnings("ignore", message=".*exclude_resources.*")
         options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
+    options.preserve_order = ds.context.execution_options.preserve_order
     return options
 
 
