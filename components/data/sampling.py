@@ -20,6 +20,7 @@ seed draw the same. The same seed gives each row group's augmentation its genera
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,7 +75,7 @@ def plan_sampling(mode: str, labels, masks=None, threshold: float = 0.1, seed: i
     if mode not in SAMPLINGS:
         raise ValueError(f"sampling {mode!r} is invalid; allowed: {' | '.join(SAMPLINGS)}")
     pos = positives(labels, masks)
-    n, c = pos.shape
+    n = len(pos)
     n_c = pos.sum(axis=0).astype(np.float64)
     natural = tuple((n_c / max(n, 1)).tolist())
     if mode == "none" or n == 0:
@@ -91,8 +92,8 @@ def plan_sampling(mode: str, labels, masks=None, threshold: float = 0.1, seed: i
     plan = SamplingPlan(mode, tuple(factor.tolist()), float(empty_factor), seed)
     r = plan.rates(pos)
     target = (r[:, None] * pos).sum(axis=0) / max(r.sum(), 1e-12)
-    return SamplingPlan(
-        mode, plan.class_factor, plan.empty_factor, seed, float(r.sum()), tuple(target.tolist()), natural
+    return dataclasses.replace(
+        plan, expected_images=float(r.sum()), target_freq=tuple(target.tolist()), natural_freq=natural
     )
 
 

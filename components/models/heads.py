@@ -72,13 +72,11 @@ def classifier_parameter_names(model) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
-def freeze_backbone(model) -> int:
-    """Only the classifier trains: every other parameter stops needing gradients. Returns the
-    number of trainable parameters left."""
+def freeze_backbone(model) -> None:
+    """Only the classifier trains: every other parameter stops needing gradients."""
     keep = classifier_parameter_names(model)
     for name, p in model.named_parameters():
         p.requires_grad_(name in keep)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def set_training(model, head_only: bool) -> None:

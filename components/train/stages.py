@@ -85,7 +85,7 @@ def apply_init(model, init: InitWeights | None, head_only: bool, num_classes: in
         if head_only:  # the classifier starts afresh: its old tensors may not even fit
             head = classifier_parameter_names(model)
             state = {k: v for k, v in state.items() if k not in head}
-        missing, unexpected = model.load_state_dict(state, strict=not head_only)
+        _, unexpected = model.load_state_dict(state, strict=not head_only)
         if unexpected:
             raise UserError(f"train.init_from {init.run_id}: unexpected tensors {unexpected[:3]}")
     if head_only:
