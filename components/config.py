@@ -76,6 +76,16 @@ class DataConfig:
         help="re-balanced sampling per epoch (default: class-aware for a head-only stage, else repeat-factor)",
     )
     repeat_threshold: float = setting(0.1, help="repeat-factor sampling: classes rarer than this share repeat")
+    prefetch_batches: int = setting(
+        1,
+        help="batches each worker makes ready ahead: Ray Data's prefetch, and in a thread the copy to the "
+        "device (or the GPU decode) of the next batches while the model trains",
+    )
+    shuffle_buffer: int = setting(
+        0,
+        help="training rows each worker mixes across row groups before batching (Ray Data's local shuffle "
+        "buffer, seeded by train.seed, the epoch and the rank); 0: off",
+    )
 
 
 @dataclass
@@ -177,6 +187,7 @@ class Config:
         d.pop("tracking")
         for how_not_what in ("fail_at_epoch", "stall_warn_s"):  # how a run is watched, not what it trains
             d["train"].pop(how_not_what)
+        d["data"].pop("prefetch_batches")  # how fast the data comes, not which
         d["dataset_sha256"] = dataset_sha256
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -313,6 +324,8 @@ def resolve_defaults(cfg: Config) -> Config:
         ("data.image_size", size, size is None or 16 <= size <= 4096, "16..4096, or unset for the prepared size"),
         ("data.map_cpus", cfg.data.map_cpus, cfg.data.map_cpus > 0, "> 0"),
         ("data.repeat_threshold", cfg.data.repeat_threshold, 0 < cfg.data.repeat_threshold <= 1, "in (0, 1]"),
+        ("data.prefetch_batches", cfg.data.prefetch_batches, cfg.data.prefetch_batches >= 1, ">= 1"),
+        ("data.shuffle_buffer", cfg.data.shuffle_buffer, cfg.data.shuffle_buffer >= 0, ">= 0 (0: off)"),
         ("optim.lr", cfg.optim.lr, cfg.optim.lr > 0, "> 0"),
     ):
         if not ok:

@@ -10,6 +10,7 @@ open their own client.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 import urllib.error
@@ -21,6 +22,10 @@ from .errors import UserError
 RUN_KEY_TAG = "ralflow.run_name"
 RESTART_METRIC = "restart_from_epoch"
 END_REASON_TAG = "ralflow.end_reason"
+
+# MLflow draws a progress bar for every artifact it downloads, a dozen small ones at the end of each
+# run: noise between the lines people read. Set the variable to true to have them back.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:

@@ -75,8 +75,10 @@ def test_each_epoch_draws_afresh_and_the_same_seed_draws_the_same():
     assert not first.column("row").equals(other_seed.column("row"))
     seeds = first.column(AUG_SEED_COLUMN).to_numpy()
     assert len(set(seeds[:10])) == 1 and len(set(seeds)) == len(groups)  # one augmentation seed per row group
-    plain = one_epoch(plan_sampling("none", labels, masks), groups, 0)  # none: rows as stored, seeds only
-    assert plain.column("row").to_pylist() == list(range(len(labels)))
+    plain = one_epoch(plan_sampling("none", labels, masks), groups, 0)  # none: each row once, mixed in its group
+    rows = plain.column("row").to_numpy()
+    assert sorted(rows) == list(range(len(labels))) and not np.array_equal(rows, np.arange(len(labels)))
+    assert sorted(rows[:500]) == list(range(500))  # within its row group: a read task holds one
 
 
 def test_the_head_only_stage_defaults_to_class_aware_sampling():

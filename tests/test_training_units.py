@@ -280,26 +280,92 @@ def test_the_better_of_raw_and_ema_weights_is_the_epochs_model():
     assert model_weights({**state, "metrics": {"ema_selected": 0.0}}) == "raw weights"
 
 
-def test_warm_start_fetches_the_first_batch_before_it_is_asked_for():
+def test_prefetcher_fetches_ahead_in_order_and_stops_when_left():
     import threading
+    import time
 
-    from components.train.loop import WarmStart
+    from components.data.prefetch import Prefetcher
 
-    fetched = threading.Event()
+    fetched, made = threading.Event(), []
 
-    def batches():
-        fetched.set()
-        yield 1
-        yield 2
+    def batches(n):
+        for i in range(n):
+            fetched.set()
+            made.append(i)
+            yield i
 
-    warm = WarmStart(batches())
+    ready = Prefetcher(batches(10), ahead=2)
     assert fetched.wait(5)  # the data side started while nothing iterated yet (the model being built)
-    assert list(warm) == [1, 2]
+    time.sleep(0.3)
+    assert len(made) <= 3  # bounded: `ahead` in the queue and one waiting to go in
+    assert list(ready) == list(range(10))
+
+    made.clear()
+    left = Prefetcher(batches(10**6), ahead=2)
+    for i in left:
+        if i == 3:
+            break  # a training step failed: the generator closes, the thread stops
+    left._thread.join(5)
+    assert not left._thread.is_alive() and len(made) < 10
 
     def broken():
+        yield 0
         raise RuntimeError("no data")
-        yield
 
-    with pytest.raises(RuntimeError, match="no data"):  # raised where the batches are consumed
-        list(WarmStart(broken()))
-    assert list(WarmStart(iter(()))) == []
+    with pytest.raises(RuntimeError, match="no data"):  # raised where the batches are consumed, after the first
+        list(Prefetcher(broken()))
+    assert list(Prefetcher(iter(()))) == []
+
+
+class RecordingShard:
+    """A Ray Train dataset shard that records how it was asked for batches."""
+
+    def __init__(self, batches):
+        self.batches, self.calls = batches, []
+
+    def iter_batches(self, **kwargs):
+        self.calls.append(("iter_batches", kwargs))
+        return iter(self.batches)
+
+    def iter_torch_batches(self, **kwargs):
+        self.calls.append(("iter_torch_batches", kwargs))
+        return iter(self.batches)
+
+
+def test_train_batches_asks_ray_data_for_the_configured_prefetch_and_seeded_shuffle(tmp_path):
+    import pyarrow.parquet as pq
+    import torch
+
+    from components.data.ingest import encoded_batch
+    from components.data.manifest import Manifest
+    from components.data.prepare import PrepareOptions, prepare_dataset
+    from components.train.loop import train_batches
+
+    from . import formats
+
+    formats.cxr_lt_2023(tmp_path / "src", n_train=8)
+    prepare_dataset(PrepareOptions("cxr-lt-2023", str(tmp_path / "src"), image_size=48), tmp_path / "data",
+                    log=lambda *_: None)  # fmt: skip
+    table = pq.read_table(Manifest.load(tmp_path / "data").shard_paths("train")[0]).to_pydict()
+    raw = encoded_batch({k: table[k] for k in ("image", "labels", "mask")})
+
+    def cfg(**data):
+        return load_config(None, {"data": {"path": str(tmp_path / "data"), "image_size": 32, **data}})
+
+    CPU = torch.device("cpu")
+    shard = RecordingShard([{"image": torch.zeros(2, 1, 32, 32, dtype=torch.uint8)}])
+    assert len(list(train_batches(cfg(prefetch_batches=3), shard, CPU, epoch=0, rank=0))) == 1
+    (name, kwargs), = shard.calls  # fmt: skip
+    assert name == "iter_torch_batches" and kwargs["prefetch_batches"] == 3
+    assert "local_shuffle_buffer_size" not in kwargs  # off by default
+
+    seeds = []
+    for epoch, rank in ((0, 0), (0, 0), (1, 0), (0, 1)):
+        shard = RecordingShard([raw])
+        (batch,) = train_batches(cfg(shuffle_buffer=64, decode_on="gpu"), shard, CPU, epoch=epoch, rank=rank)
+        (name, kwargs), = shard.calls  # fmt: skip
+        assert name == "iter_batches" and kwargs["local_shuffle_buffer_size"] == 64
+        seeds.append((kwargs["local_shuffle_seed"], batch["image"]))
+    assert seeds[0][0] == seeds[1][0] and torch.equal(seeds[0][1], seeds[1][1])  # same seed, epoch, rank: same
+    assert len({s for s, _ in seeds}) == 3  # another epoch or rank: another shuffle and other augmentations
+    assert not torch.equal(seeds[0][1], seeds[2][1]) and not torch.equal(seeds[0][1], seeds[3][1])

@@ -13,7 +13,7 @@ every image an expected number of copies per epoch, ``rate(labels)``:
 
 The Ray Data read task of each row group turns rates into counts by stochastic rounding
 (``floor(r) + Bernoulli(r - floor(r))``, so each image's expected count is its rate) and
-permutes the copies inside the row group, with a generator seeded by (``train.seed``, the
+permutes the copies (with ``none``: the rows) inside the row group, with a generator seeded by (``train.seed``, the
 dataset's execution index, the row group): every epoch draws afresh, and two runs with the same
 seed draw the same. The same seed gives each row group's augmentation its generator.
 """
@@ -111,8 +111,8 @@ def current_execution() -> int:
 
 
 def sample_row_group(table, plan: SamplingPlan | None, row_group: int, execution: int | None = None):
-    """A row group's rows for this epoch: repeated and permuted by ``plan`` (as read when None or
-    ``none``), with the row group's augmentation seed as a column."""
+    """A row group's rows for this epoch: repeated by ``plan`` and permuted (as read when None),
+    with the row group's augmentation seed as a column."""
     import pyarrow as pa
 
     if plan is None:
@@ -124,7 +124,9 @@ def sample_row_group(table, plan: SamplingPlan | None, row_group: int, execution
         labels = np.stack(table.column("labels").to_numpy(zero_copy_only=False))
         masks = np.stack(table.column("mask").to_numpy(zero_copy_only=False))
         order = rng.permutation(np.repeat(np.arange(len(labels)), plan.counts(labels, masks, rng)))
-        table = table.take(pa.array(order, pa.int64()))
+    else:  # shards keep the source's order (a patient's films side by side): batches mix them
+        order = rng.permutation(table.num_rows)
+    table = table.take(pa.array(order, pa.int64()))
     return table.append_column(AUG_SEED_COLUMN, pa.array(np.full(table.num_rows, aug_seed, np.int64)))
 
 

@@ -331,48 +331,28 @@ def epoch_line(m: dict, epochs: int) -> str:
     )
 
 
-class WarmStart:
-    """An iterable whose first item is fetched in a thread from the moment it is made: the first
-    epoch's batches start flowing (Ray Data's decode tasks start, their workers import torch)
-    while the model is built, restored and moved to the device, instead of after."""
-
-    def __init__(self, iterable) -> None:
-        import threading
-
-        self._it, self._first, self._error = iter(iterable), [], None
-        self._thread = threading.Thread(target=self._fetch, name="ralflow-warm-ingest", daemon=True)
-        self._thread.start()
-
-    def _fetch(self) -> None:
-        try:
-            self._first.append(next(self._it))
-        except StopIteration:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - raised where the batches are consumed
-            self._error = exc
-
-    def __iter__(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        yield from self._first
-        yield from self._it
-
-
 def train_batches(cfg: Config, shard, device, epoch: int, rank: int):
-    """One epoch of this worker's training batches on ``device``: decoded in Ray Data tasks, or
-    (``data.decode_on: gpu``) decoded and augmented here with draws seeded by (seed, rank, epoch)."""
+    """One epoch of this worker's training batches on ``device``, made ahead in a thread
+    (``data.prefetch_batches``): decoded in Ray Data tasks, or (``data.decode_on: gpu``) decoded
+    and augmented here with draws seeded by (seed, rank, epoch). With ``data.shuffle_buffer``,
+    rows are mixed across row groups first, with the same seed."""
     import torch
 
     from ..data.ingest import device_batches
+    from ..data.prefetch import Prefetcher
     from .build import augment_options
 
-    batch_size, size = cfg.train.batch_size, cfg.data.image_size
-    if cfg.data.decode_on == "gpu":
-        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + rank * 10_007 + epoch)
-        raw = shard.iter_batches(batch_size=batch_size, batch_format="numpy")
-        return device_batches(raw, device, size, augment_options(cfg), generator)
-    return shard.iter_torch_batches(batch_size=batch_size, device=device, pin_memory=device.type == "cuda")
+    d, batch_size, size = cfg.data, cfg.train.batch_size, cfg.data.image_size
+    seed = cfg.train.seed * 1_000_003 + rank * 10_007 + epoch
+    options = {"batch_size": batch_size, "prefetch_batches": d.prefetch_batches}
+    if d.shuffle_buffer:
+        options |= {"local_shuffle_buffer_size": d.shuffle_buffer, "local_shuffle_seed": seed}
+    if d.decode_on == "gpu":
+        raw = shard.iter_batches(batch_format="numpy", **options)
+        batches = device_batches(raw, device, size, augment_options(cfg), torch.Generator().manual_seed(seed))
+    else:
+        batches = shard.iter_torch_batches(device=device, pin_memory=device.type == "cuda", **options)
+    return Prefetcher(batches, d.prefetch_batches, device)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -382,6 +362,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from ..data.ingest import device_batches
+    from ..data.prefetch import Prefetcher
     from ..metrics import group_means, validation_metrics
     from ..models import unwrap
     from .build import build_parts
@@ -398,9 +379,7 @@ def train_loop_per_worker(config: dict) -> None:
     state = newest_state(job, device)
     first_epoch = state["epoch"] + 1 if state else 0
     warm = (  # the first epoch's data starts flowing now, while the model is built and restored
-        WarmStart(train_batches(cfg, train_shard, device, first_epoch, rank))
-        if first_epoch < cfg.train.epochs
-        else None
+        train_batches(cfg, train_shard, device, first_epoch, rank) if first_epoch < cfg.train.epochs else None
     )
     epoch_images = job.plan.expected_images if job.plan else None  # re-sampled epochs change length
     parts = build_parts(cfg, job.manifest, device, world, ray.train.torch.prepare_model, job.init, epoch_images)
@@ -426,9 +405,12 @@ def train_loop_per_worker(config: dict) -> None:
             sync_buffers_from_rank0(module)
         scored = {}
         for name, module in candidates.items():
-            batches = val_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+            batches = val_shard.iter_batches(
+                batch_size=batch_size, batch_format="numpy", prefetch_batches=cfg.data.prefetch_batches
+            )
             if cfg.data.decode_on == "gpu":
-                batches = device_batches(batches, device, size, labels_on_device=False)
+                batches = Prefetcher(device_batches(batches, device, size, labels_on_device=False),
+                                     cfg.data.prefetch_batches, device)  # fmt: skip
             mine = evaluate(module, batches, device, parts.autocast_dtype, parts.channels_last)
             probs, targets, masks, studies, views = gather_to_all(*mine)
             if rank == 0:
