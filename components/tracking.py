@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import time
 import urllib.error
@@ -61,10 +62,20 @@ def client(uri: str):
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(c, name: str) -> str:
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store, in ``mlruns/`` (MLflow's
+    default is ``./mlruns`` under whichever folder the command happened to run in). None: the
+    store's own default (a server's ``--default-artifact-root``, a file store's folder)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)
+    return str(Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlruns" / folder)
+
+
+def experiment_id(c, name: str, tracking_uri: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=artifact_location(tracking_uri, name))
     if exp.lifecycle_stage == "deleted":
         raise UserError(
             f"tracking.experiment: MLflow experiment '{name}' is deleted; restore it or use another",
@@ -122,7 +133,7 @@ class TrackedRun:
         """The run carrying ``run_name`` (resumed, status back to RUNNING), else a new one. A run to
         resume must carry the same ``identity`` tags where it has them (else nothing is touched)."""
         c = client(tracking_uri)
-        found = runs_named(c, experiment_id(c, experiment), run_name)
+        found = runs_named(c, experiment_id(c, experiment, tracking_uri), run_name)
         if found:
             run_id = found[0].info.run_id
             for key, value in (identity or {}).items():
@@ -151,7 +162,7 @@ class TrackedRun:
         """Always a new run."""
         c = client(tracking_uri)
         run = c.create_run(
-            experiment_id(c, experiment), run_name=run_name, tags={RUN_KEY_TAG: run_name, **(tags or {})}
+            experiment_id(c, experiment, tracking_uri), run_name=run_name, tags={RUN_KEY_TAG: run_name, **(tags or {})}
         )
         return cls(tracking_uri, run.info.run_id)
 

@@ -41,6 +41,17 @@ def test_a_resumed_run_must_have_the_same_dataset_and_storage(tmp_path):
     assert first.get().info.status == "FINISHED"  # refused before anything was touched
 
 
+def test_artifacts_of_a_sqlite_store_go_beside_it_not_into_the_working_folder(tmp_path, monkeypatch):
+    for folder in ("elsewhere", "store"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the command runs in one folder, the store is in another
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    run = TrackedRun.create(uri, "my sweep/1", "r1")
+    run.log_files({"notes.txt": "hello"})
+    (logged,) = (tmp_path / "store" / "mlruns" / "my_sweep_1").rglob("notes.txt")
+    assert logged.read_text() == "hello" and not (tmp_path / "elsewhere" / "mlruns").exists()
+
+
 def test_the_default_run_name_follows_the_dataset_content(dataset):
     from components.train.trainer import load_dataset
 
