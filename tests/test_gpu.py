@@ -1,6 +1,7 @@
 """GPU-only paths (issue 11), skipped without CUDA: nvJPEG decoding gives the CPU decoder's images
-(JPEG decoders may round differently: within 2 grey levels) and a 2-epoch bf16 run with
-channels-last and worker-side decode trains and logs its peak GPU memory."""
+(JPEG decoders may round differently: within 2 grey levels), batches made ahead on a side stream
+are complete when the step reads them, and a 2-epoch bf16 run with channels-last, worker-side
+decode, two batches made ahead and a shuffle buffer trains and logs its peak GPU memory."""
 
 from __future__ import annotations
 
@@ -33,6 +34,18 @@ def test_nvjpeg_decodes_the_cpu_decoders_images():
     assert (b.cpu().float() - a.float()).abs().mean() < 2  # same draws, same warp, on another device
 
 
+def test_batches_made_on_the_side_stream_are_whole_on_the_consumers():
+    from components.data.prefetch import Prefetcher
+
+    def batches():
+        for i in range(20):
+            x = torch.full((2048, 2048), float(i), device="cuda")
+            yield {"x": x * 2 + 1, "labels": torch.ones(4, device="cuda")}  # kernels queued on the side stream
+
+    for i, batch in enumerate(Prefetcher(batches(), ahead=3, device=torch.device("cuda", 0))):
+        assert bool((batch["x"] == 2 * i + 1).all())
+
+
 @pytest.mark.ray
 def test_two_epochs_in_bf16_on_the_gpu(tiny_dataset, tmp_path, ray_address):
     import mlflow
@@ -41,7 +54,8 @@ def test_two_epochs_in_bf16_on_the_gpu(tiny_dataset, tmp_path, ray_address):
     from components.train import run_training
 
     cfg = load_config(None, {
-        "data": {"path": str(tiny_dataset), "image_size": 32, "decode_on": "gpu"},
+        "data": {"path": str(tiny_dataset), "image_size": 32, "decode_on": "gpu", "prefetch_batches": 2,
+                 "shuffle_buffer": 64},
         "model": {"name": "resnet10t"},
         "train": {"epochs": 2, "batch_size": 32, "num_workers": 1, "use_gpu": True, "amp": "bf16"},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "storage_path": str(tmp_path / "runs")},

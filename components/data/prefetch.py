@@ -44,7 +44,7 @@ class Prefetcher:
     def __init__(self, iterable, ahead: int = 1, device=None) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(ahead)))
         self._stop = threading.Event()
-        self._cuda = device if device is not None and getattr(device, "type", None) == "cuda" else None
+        self._cuda = device if getattr(device, "type", None) == "cuda" else None
         self._thread = threading.Thread(target=self._run, args=(iterable,), name="ralflow-prefetch", daemon=True)
         self._thread.start()
 
@@ -63,7 +63,8 @@ class Prefetcher:
             if self._cuda is not None:
                 import torch
 
-                torch.cuda.set_device(self._cuda)
+                if self._cuda.index is not None:  # the thread's kernels go to the consumer's GPU
+                    torch.cuda.set_device(self._cuda)
                 stream = torch.cuda.Stream(self._cuda)
                 scope = torch.cuda.stream(stream)
             with scope:
