@@ -29,7 +29,7 @@ def promote(uri, model_name, **kwargs):
 def store(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = tracking.client(uri)
-    exp = tracking.experiment_id(c, "ralflow")
+    exp = tracking.experiment_id(c, "ralflow", uri)
     state = {}
 
     def make_run(val_map: float, sha: str = "a" * 64, loss: str = "ral") -> str:
