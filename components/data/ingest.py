@@ -234,8 +234,9 @@ def device_batches(batches, device, image_size: int, augment: AugmentOptions | N
         out = dict(batch)
         out["image"] = decode_images(batch["image"], image_size, augment, device, generator)
         if labels_on_device:
-            out["labels"] = torch.as_tensor(batch["labels"]).to(device, non_blocking=True)
-            out["mask"] = torch.as_tensor(batch["mask"]).to(device, non_blocking=True)
+            # copied (a few floats per image): Ray hands read-only arrays, which torch warns about
+            out["labels"] = torch.tensor(batch["labels"]).to(device, non_blocking=True)
+            out["mask"] = torch.tensor(batch["mask"]).to(device, non_blocking=True)
         yield out
 
 
