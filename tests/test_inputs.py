@@ -225,6 +225,8 @@ def test_kaggle_chexpert_mirror_without_its_top_folder(tmp_path):
         ({"train": {"cpus_per_worker": -1}}, r"train.cpus_per_worker=-1.0 is invalid"),
         ({"data": {"image_size": -5}}, r"data.image_size=-5 is invalid; allowed: 16..4096"),
         ({"data": {"image_size": 0}}, r"data.image_size=0 is invalid"),  # not silently the prepared size
+        ({"data": {"prefetch_batches": 0}}, r"data.prefetch_batches=0 is invalid; allowed: >= 1"),
+        ({"data": {"shuffle_buffer": -5}}, r"data.shuffle_buffer=-5 is invalid; allowed: >= 0"),
     ],
 )
 def test_bad_training_settings_fail_at_load(overrides, match):
