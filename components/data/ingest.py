@@ -1,8 +1,10 @@
 """Prepared Parquet dataset -> Ray Dataset of model-ready batches.
 
 Decode and augmentation run in Ray Data ``map_batches`` tasks on CPUs (anywhere in the
-cluster), never in the training loop: workers only see ready float tensors via
-``iter_torch_batches``. Chest X-rays are not mirror-symmetric (heart on the left), so
+cluster): workers see ready uint8 images via ``iter_torch_batches`` and normalise them on their
+device. With ``data.decode_on: gpu`` the tasks pass the stored JPEG bytes instead, and the worker
+decodes and augments them on its device (``device_batches``), ahead of the step
+(``components.data.prefetch``). Chest X-rays are not mirror-symmetric (heart on the left), so
 horizontal flip is off by default.
 """
 
