@@ -274,7 +274,7 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
         },
         batch_size=opts.batch_size,
         batch_format="numpy",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
         num_cpus=0 if gpus else 1,
     )
