@@ -167,14 +167,19 @@ def restart_ray(num_cpus: int | None) -> None:
 
 
 class Report:
-    """Printed as it goes, and kept for ``--out``."""
+    """Printed as it goes, and appended to ``out`` line by line: a run cut short by a time limit
+    still leaves what it measured."""
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+    def __init__(self, out: str | None = None) -> None:
+        self.out = Path(out) if out else None
+        if self.out:
+            self.out.write_text("")
 
     def __call__(self, line: str = "") -> None:
         print(line, flush=True)
-        self.lines.append(line)
+        if self.out:
+            with self.out.open("a") as f:
+                f.write(line + "\n")
 
 
 def main() -> None:
@@ -198,7 +203,7 @@ def main() -> None:
     a = p.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    say = Report()
+    say = Report(a.out)
     if a.goals:  # as issue 11 measured: 6,000 images; GPU decode where its goal is (the largest size)
         a.models, a.num_images = ["resnet50"], max(a.num_images, 6000)
     if not cuda:
@@ -269,8 +274,6 @@ def main() -> None:
                             f"| {first[1]:.0%} | {h['images_per_s'][-1]:.0f} | {last:.0%} | {ratio:.2f} | {peak} |"
                         )
     goals(say, a, best, decode, runs, cuda)
-    if a.out:
-        Path(a.out).write_text("\n".join(say.lines) + "\n")
 
 
 def goals(say, a, best, decode, runs, cuda: bool) -> None:
