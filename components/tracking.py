@@ -29,6 +29,13 @@ END_REASON_TAG = "ralflow.end_reason"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def sqlite_folder(tracking_uri: str) -> Path | None:
+    """The folder holding a ``sqlite:///`` store's database, or None for any other store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///") :]).parent
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before any training, when the tracking store cannot be used."""
     field = "tracking.tracking_uri"
@@ -43,8 +50,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             raise UserError(
                 f"cannot reach the MLflow tracking server at {uri} ({reason}); start it or fix {field}", field=field
             ) from None
-    elif uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///") :]).parent
+    elif (parent := sqlite_folder(uri)) is not None:
         if not parent.is_dir():
             raise UserError(f"{field} {uri}: folder {parent} does not exist", field=field)
     elif uri.startswith(("file:", "databricks", "postgresql", "mysql", "mssql")) or "://" not in uri:
@@ -66,10 +72,10 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside a SQLite store, in ``mlruns/`` (MLflow's
     default is ``./mlruns`` under whichever folder the command happened to run in). None: the
     store's own default (a server's ``--default-artifact-root``, a file store's folder)."""
-    if not tracking_uri.startswith("sqlite:///"):
+    folder = sqlite_folder(tracking_uri)
+    if folder is None:
         return None
-    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)
-    return str(Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlruns" / folder)
+    return str(folder.resolve() / "mlruns" / re.sub(r"[^A-Za-z0-9._-]+", "_", experiment))
 
 
 def experiment_id(c, name: str, tracking_uri: str) -> str:

@@ -12,7 +12,7 @@ from ..config import Config, save_yaml
 from ..data.manifest import Manifest
 from ..errors import UserError
 from ..metrics import fmt
-from ..tracking import TrackedRun, check_tracking_uri, per_class_chart, per_class_table
+from ..tracking import TrackedRun, check_tracking_uri, per_class_chart, per_class_table, sqlite_folder
 from .loop import TrainJob, train_loop_per_worker
 from .resources import check_resources, cpus_per_worker_that_fit
 from .stages import load_init_weights
@@ -444,9 +444,8 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     init_ray(address, log=log)
     check_resources(cfg, log)
     check_shared_path(cfg.tracking.storage_path, "tracking.storage_path", field="tracking.storage_path")
-    if cfg.tracking.tracking_uri.startswith("sqlite:///"):
-        sqlite_dir = str(Path(cfg.tracking.tracking_uri[len("sqlite:///") :]).parent)
-        check_shared_path(sqlite_dir, "the SQLite tracking store in", field="tracking.tracking_uri")
+    if (sqlite_dir := sqlite_folder(cfg.tracking.tracking_uri)) is not None:
+        check_shared_path(str(sqlite_dir), "the SQLite tracking store in", field="tracking.tracking_uri")
     init = load_init_weights(cfg, manifest, log)
     run = open_run(cfg, manifest, log, extra_tags=init.tags(cfg.train.head_only) if init else None)
     return fit_and_log(make_job(cfg, manifest, run, init=init, log=log), log)
