@@ -52,6 +52,16 @@ def test_artifacts_of_a_sqlite_store_go_beside_it_not_into_the_working_folder(tm
     assert logged.read_text() == "hello" and not (tmp_path / "elsewhere" / "mlruns").exists()
 
 
+def test_a_sqlite_store_in_a_missing_folder_is_refused_naming_it(tmp_path):
+    from components.tracking import check_tracking_uri, sqlite_folder
+
+    assert sqlite_folder("http://mlflow:5000") is None
+    check_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # the folder exists: accepted
+    with pytest.raises(UserError, match=f"folder {tmp_path}/nowhere does not exist") as err:
+        check_tracking_uri(f"sqlite:///{tmp_path}/nowhere/mlflow.db")
+    assert err.value.field == "tracking.tracking_uri"
+
+
 def test_the_default_run_name_follows_the_dataset_content(dataset):
     from components.train.trainer import load_dataset
 
