@@ -20,6 +20,7 @@ itself, and says that GPU figures were not measured.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -154,8 +155,6 @@ def streamed(data: Path, model_name: str, size: int, batch: int, epochs: int, fl
 
 def restart_ray(num_cpus: int | None) -> None:
     """A fresh embedded Ray with ``num_cpus`` CPUs (None: all of them)."""
-    import os
-
     import ray
 
     from components.runtime import init_ray
@@ -183,8 +182,6 @@ class Report:
 
 
 def main() -> None:
-    import os
-
     import torch
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
