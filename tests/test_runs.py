@@ -233,6 +233,34 @@ def test_a_failed_or_interrupted_fit_ends_the_run_with_its_reason(tmp_path, monk
         assert got.info.status == status and got.data.tags["ralflow.end_reason"] == reason
 
 
+def test_a_sweep_ends_its_trial_runs_by_tunes_verdict(tmp_path):
+    """After the sweep, Tune's verdict decides how an open trial run ends; a stopped trial that
+    wrote FAILED on its way out (seen in a real sweep) is KILLED as stopped early, and a run that
+    ended by itself is left alone."""
+    from components.tune.sweep import close_trial_runs
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cases = {  # name: (status before, Tune's row status, status after, reason after)
+        "stopped": ("RUNNING", "ok", "KILLED", "stopped early by ASHA after 1 epoch(s)"),
+        "stopped-said-failed": ("FAILED", "ok", "KILLED", "stopped early by ASHA after 1 epoch(s)"),
+        "crashed": ("RUNNING", "error", "FAILED", "trial failed: RuntimeError: boom"),
+        "crashed-said-so": ("FAILED", "error", "FAILED", "training failed: RuntimeError: boom"),
+        "finished": ("FINISHED", "ok", "FINISHED", None),
+    }
+    rows, runs = [], {}
+    for name, (before, verdict, _, _) in cases.items():
+        runs[name] = run = TrackedRun.create(uri, "ralflow", name)
+        if before != "RUNNING":
+            run.finish(before, "training failed: RuntimeError: boom" if before == "FAILED" else None)
+        rows.append({"run_id": run.run_id, "status": verdict, "epochs": 1, "error": "RuntimeError: boom"})
+    rows.append({"run_id": "", "status": "error", "epochs": 0})  # a trial that never opened a run
+    close_trial_runs(rows, uri)
+    for name, (_, _, after, reason) in cases.items():
+        got = runs[name].get()
+        assert (got.info.status, got.data.tags.get("ralflow.end_reason")) == (after, reason), name
+        assert ("ralflow.stopped_early" in got.data.tags) == name.startswith("stopped"), name
+
+
 def test_a_stale_ray_snapshot_is_set_aside_not_fatal(tmp_path):
     from components.train.checkpoints import RAY_SNAPSHOT, set_aside_stale_ray_snapshot
 

@@ -96,7 +96,8 @@ def test_sweep_killed_then_resumed_keeps_finished_trials(tiny_dataset, tmp_path,
     for run_id, (end_time, n_metrics) in done_before.items():  # finished trials were not run again
         run = c.get_run(run_id)
         assert run.info.end_time == end_time and len(c.get_metric_history(run_id, "val_mAP")) == n_metrics
-    assert all(x.info.status in ("FINISHED", "KILLED") for x in children)
+    ends = {x.data.tags["ralflow.trial_id"]: (x.info.status, x.data.tags.get("ralflow.end_reason")) for x in children}
+    assert all(status in ("FINISHED", "KILLED") for status, _ in ends.values()), (ends, r.stdout[-4000:])
     assert any(x.info.status == "FINISHED" for x in children)
     parent = c.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.params["best.trial_id"] in {

@@ -107,18 +107,20 @@ def make_trial_fn(
 
 
 def close_trial_runs(rows: list[dict], tracking_uri: str) -> None:
-    """End the child runs the trials left open: a trial that crashed (its process may have died
-    before it could say so) is FAILED with Tune's error; one ASHA stopped is KILLED and tagged
-    as stopped early."""
+    """End the child runs the trials could not end themselves, by Tune's verdict: a trial that
+    crashed (its process may have died before it could say so) is FAILED with Tune's error; one
+    ASHA stopped is KILLED and tagged as stopped early. A stopped trial may have written FAILED on
+    its way out (its training thread sees the Train controller die with it, before the process
+    ends): Tune did not count it as an error, so it too is KILLED as stopped early."""
     for row in rows:
         if not row["run_id"]:
             continue
         run = TrackedRun(tracking_uri, row["run_id"])
-        if run.get().info.status != "RUNNING":
-            continue
+        status = run.get().info.status
         if row["status"] == "error":
-            run.finish("FAILED", f"trial failed: {row.get('error', 'see the Ray Tune trial error')}")
-        else:
+            if status == "RUNNING":
+                run.finish("FAILED", f"trial failed: {row.get('error', 'see the Ray Tune trial error')}")
+        elif status in ("RUNNING", "FAILED"):
             run.set_tags({"ralflow.stopped_early": "true"})
             run.finish("KILLED", f"stopped early by ASHA after {row['epochs']} epoch(s)")
 
