@@ -355,6 +355,18 @@ def train_batches(cfg: Config, shard, device, epoch: int, rank: int):
     return Prefetcher(batches, d.prefetch_batches, device)
 
 
+def quiet_ray_train_report_log() -> None:
+    """Ray Train logs each report's whole metrics dict at INFO, per worker and epoch (two long
+    lines that repeat the worker's own epoch line): raise that one logger to WARNING."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # moved in another Ray: its lines stay, nothing else changes
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names this logger by its file
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
@@ -368,6 +380,7 @@ def train_loop_per_worker(config: dict) -> None:
     from .build import build_parts
     from .resources import check_room_for_data
 
+    quiet_ray_train_report_log()
     job: TrainJob = config["job"]
     cfg, batch_size, size = job.cfg, job.cfg.train.batch_size, job.cfg.data.image_size
     ctx = ray.train.get_context()
