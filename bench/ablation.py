@@ -3,6 +3,7 @@ RAL defaults, then each of EMA, re-sampling (repeat-factor, class-aware), the CS
 stage, post-hoc logit adjustment, and a pretrained start; two seeds each.
 
     python bench/ablation.py [--num-images 3000] [--synth-size 128] [--image-size 64] [--epochs 8]
+                             [--rows ral rfs rfs-csra ...]   (default: every row)
 
 Every row trains with `ralflow train`'s library call (local mode: the driver trains, Ray Data
 decodes) and reports the best epoch's validation mAP: macro, head, medium and tail, as the mean
@@ -11,6 +12,7 @@ over the seeds with the spread (half the difference between the two seeds). Rows
 - ``RAL alone``: RAL with its defaults, linear head, no EMA, no re-sampling (``--sampling none``;
   repeat-factor became the default after this ablation).
 - ``+ EMA``, ``+ repeat-factor``, ``+ class-aware``, ``+ CSRA head``: that one setting changed.
+- ``+ repeat-factor + CSRA head``: both (the question the CSRA row leaves: does it add to re-sampling?).
 - ``+ cRT``: a second stage from the same seed's RAL-alone run (``--init-from RUN
   --train-head-only``: backbone frozen, head re-initialised, class-aware sampling) for
   ``--crt-epochs``.
@@ -37,6 +39,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GROUPS = ("mAP", "mAP_head", "mAP_medium", "mAP_tail")
+ROWS = {  # --rows key: the row's title in the table
+    "ral": "RAL alone",
+    "la": "+ logit adjustment",
+    "ema": "+ EMA",
+    "rfs": "+ repeat-factor",
+    "cas": "+ class-aware",
+    "csra": "+ CSRA head",
+    "rfs-csra": "+ repeat-factor + CSRA head",
+    "crt": "+ cRT (head only, class-aware)",
+    "pretrained": "pretrained start (disjoint synthetic set)",
+}
+ONE_CHANGE = {  # key: the settings that row changes from RAL alone
+    "ema": {"train": {"ema": True, "ema_decay": 0.998}},
+    "rfs": {"data": {"sampling": "repeat-factor"}},
+    "cas": {"data": {"sampling": "class-aware"}},
+    "csra": {"model": {"head": "csra"}},
+    "rfs-csra": {"data": {"sampling": "repeat-factor"}, "model": {"head": "csra"}},
+}
 
 
 def make_dataset(work: Path, name: str, num_images: int, synth_size: int, image_size: int, seed: int) -> Path:
@@ -62,6 +82,7 @@ def main() -> None:
     p.add_argument("--crt-epochs", type=int, default=3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--workdir", default=None, help="keep everything here (default: a temporary folder)")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="the rows to train")
     a = p.parse_args()
 
     import mlflow
@@ -76,7 +97,6 @@ def main() -> None:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     init_ray(None, log=lambda *_: None)
     data = make_dataset(work, "data", a.num_images, a.synth_size, a.image_size, seed=0)
-    other = make_dataset(work, "pretrain-data", a.num_images, a.synth_size, a.image_size, seed=100)
 
     def train(name: str, seed: int, dataset: Path = data, epochs: int | None = None, **sections) -> dict:
         overrides = {
@@ -96,30 +116,33 @@ def main() -> None:
         print(f"  {name} seed {seed}: val mAP {out['best_val_mAP']:.4f} ({time.perf_counter() - t:.0f}s)", flush=True)
         return out
 
-    rows: dict[str, list[dict]] = {}
+    rows: dict[str, list[dict]] = {key: [] for key in ROWS if key in a.rows}
     for seed in a.seeds:
-        base = train("ral", seed, train={"logit_adjust": True})
-        rows.setdefault("RAL alone", []).append({**base, "f1_shown": base["f1"][0] if base["f1"] else None})
-        rows.setdefault("+ logit adjustment", []).append({**base, "f1_shown": base["f1"][1] if base["f1"] else None})
-        rows.setdefault("+ EMA", []).append(train("ema", seed, train={"ema": True, "ema_decay": 0.998}))
-        rows.setdefault("+ repeat-factor", []).append(train("rfs", seed, data={"sampling": "repeat-factor"}))
-        rows.setdefault("+ class-aware", []).append(train("cas", seed, data={"sampling": "class-aware"}))
-        rows.setdefault("+ CSRA head", []).append(train("csra", seed, model={"head": "csra"}))
-        crt = {"init_from": base["run_id"], "head_only": True}
-        stage = train("crt", seed, epochs=a.crt_epochs, train=crt, data={"sampling": "class-aware"})
-        rows.setdefault("+ cRT (head only, class-aware)", []).append(stage)
+        if rows.keys() & {"ral", "la", "crt"}:
+            base = train("ral", seed, train={"logit_adjust": True})
+            if "ral" in rows:
+                rows["ral"].append({**base, "f1_shown": base["f1"][0] if base["f1"] else None})
+            if "la" in rows:
+                rows["la"].append({**base, "f1_shown": base["f1"][1] if base["f1"] else None})
+        for key, sections in ONE_CHANGE.items():
+            if key in rows:
+                rows[key].append(train(key, seed, **sections))
+        if "crt" in rows:
+            crt = {"init_from": base["run_id"], "head_only": True}
+            rows["crt"].append(train("crt", seed, epochs=a.crt_epochs, train=crt, data={"sampling": "class-aware"}))
 
-    # The pretrained start: a backbone trained on other images, its classifier dropped.
-    pre = train("pretrain", 0, dataset=other)
-    mlflow.set_tracking_uri(uri)
-    weights = mlflow.artifacts.download_artifacts(
-        f"runs:/{pre['run_id']}/model/artifacts/weights.pt", dst_path=str(work)
-    )
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, work / "pretrained-backbone.pt")
-    for seed in a.seeds:
-        start = {"pretrained_path": str(work / "pretrained-backbone.pt")}
-        rows.setdefault("pretrained start (disjoint synthetic set)", []).append(train("finetune", seed, model=start))
+    if "pretrained" in rows:  # a backbone trained on other images, its classifier dropped
+        other = make_dataset(work, "pretrain-data", a.num_images, a.synth_size, a.image_size, seed=100)
+        pre = train("pretrain", 0, dataset=other)
+        mlflow.set_tracking_uri(uri)
+        weights = mlflow.artifacts.download_artifacts(
+            f"runs:/{pre['run_id']}/model/artifacts/weights.pt", dst_path=str(work)
+        )
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, work / "pretrained-backbone.pt")
+        for seed in a.seeds:
+            start = {"pretrained_path": str(work / "pretrained-backbone.pt")}
+            rows["pretrained"].append(train("finetune", seed, model=start))
 
     from components.data.manifest import Manifest
 
@@ -131,14 +154,14 @@ def main() -> None:
     )
     print("| setting | macro mAP | head | medium | tail | macro F1 at 0.5 |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, outs in rows.items():
+    for key, outs in rows.items():
         cells = []
         for g in GROUPS:
             v = np.array([o[f"best_val_{g}"] for o in outs], np.float64)
             cells.append(f"{v.mean():.4f} ± {(v.max() - v.min()) / 2:.4f}")
         f1 = [o.get("f1_shown") for o in outs]
         cells.append(f"{np.mean(f1):.4f}" if all(x is not None for x in f1) else "")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {ROWS[key]} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
