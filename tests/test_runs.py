@@ -233,6 +233,28 @@ def test_a_failed_or_interrupted_fit_ends_the_run_with_its_reason(tmp_path, monk
         assert got.info.status == status and got.data.tags["ralflow.end_reason"] == reason
 
 
+def test_a_fit_stopped_on_purpose_leaves_its_run_to_the_caller(tmp_path, monkeypatch):
+    """A Tune trial that Tune stops fails on its way out (its Train controller dies with it): that
+    failure is not written, the sweep closes the run. Outside a Tune session nothing is stopping."""
+    import components.train.trainer as trainer
+    from components.tune.sweep import tune_is_stopping
+
+    def build(job, **kw):
+        def fit():
+            raise RuntimeError("ActorDiedError: the controller died")
+
+        return types.SimpleNamespace(fit=fit)
+
+    monkeypatch.setattr(trainer, "build_trainer", build)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for stopping, status in ((lambda: True, "RUNNING"), (tune_is_stopping, "FAILED")):
+        run = TrackedRun.create(uri, "ralflow", f"r-{status}")
+        job = types.SimpleNamespace(run=run, storage_dir=str(tmp_path), cfg=load_config(None, {}))
+        with pytest.raises(RuntimeError):
+            trainer.fit_and_log(job, lambda *_: None, stopping)
+        assert run.get().info.status == status
+
+
 def test_a_sweep_ends_its_trial_runs_by_tunes_verdict(tmp_path):
     """After the sweep, Tune's verdict decides how an open trial run ends; a stopped trial that
     wrote FAILED on its way out (seen in a real sweep) is KILLED as stopped early, and a run that

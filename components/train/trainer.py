@@ -264,10 +264,12 @@ def fit_interruptibly(trainer):
     return outcome["result"]
 
 
-def fit_and_log(job: TrainJob, log=print, **trainer_options) -> dict:
+def fit_and_log(job: TrainJob, log=print, stopping=None, **trainer_options) -> dict:
     """Build the trainer and fit, then the one post-fit path: the best checkpoint's model and
     metrics are logged and the run ends FINISHED. Any failure on the way ends it FAILED (KILLED
-    when interrupted or terminated), with the reason."""
+    when interrupted or terminated), with the reason. ``stopping``: whether a failure is only the
+    caller stopping this fit on purpose (Tune stopping a trial); the run is then left for the
+    caller to close."""
     from .checkpoints import best_checkpoint_state, prune_unregistered_checkpoints, set_aside_stale_ray_snapshot
 
     try:
@@ -288,7 +290,8 @@ def fit_and_log(job: TrainJob, log=print, **trainer_options) -> dict:
         job.run.finish("KILLED", str(exc) or "interrupted")
         raise
     except BaseException as exc:
-        job.run.finish("FAILED", f"training failed: {first_line(exc)}")
+        if stopping is None or not stopping():
+            job.run.finish("FAILED", f"training failed: {first_line(exc)}")
         raise
     state = best_checkpoint_state(result, job.storage_dir, job.run.run_id)
     prune_unregistered_checkpoints(result)

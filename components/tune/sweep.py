@@ -101,17 +101,33 @@ def make_trial_fn(
         trials_storage = f"{storage}/{sweep}-trials"
         run = open_run(cfg, manifest, say, extra_tags=tags, storage_dir=storage_dir_of(cfg, trials_storage, trial_id))
         job = make_job(cfg, manifest, run, storage_path=trials_storage, name=trial_id, init=init, log=say)
-        fit_and_log(job, say, callbacks=[TuneReportCallback()], storage_path=trials_storage, name=trial_id)
+        fit_and_log(
+            job, say, tune_is_stopping, callbacks=[TuneReportCallback()], storage_path=trials_storage, name=trial_id
+        )
 
     return trial
+
+
+def tune_is_stopping() -> bool:
+    """Whether Tune has asked this trial to stop (ASHA). Its Train controller then dies with the
+    trial's process and the fit fails on the way out: no failure of the trial, and the sweep, which
+    knows why it stopped, closes the run. Tune's stop sets the trial session's stop event before
+    the process ends (Ray's internal session: without it, the sweep still corrects the run)."""
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        return bool(session is not None and session.stop_event.is_set())
+    except (ImportError, AttributeError):
+        return False
 
 
 def close_trial_runs(rows: list[dict], tracking_uri: str) -> None:
     """End the child runs the trials could not end themselves, by Tune's verdict: a trial that
     crashed (its process may have died before it could say so) is FAILED with Tune's error; one
-    ASHA stopped is KILLED and tagged as stopped early. A stopped trial may have written FAILED on
-    its way out (its training thread sees the Train controller die with it, before the process
-    ends): Tune did not count it as an error, so it too is KILLED as stopped early."""
+    ASHA stopped is KILLED and tagged as stopped early, also when it wrote FAILED on its way out
+    (see ``tune_is_stopping``; where Ray's session could not say so): Tune did not count it as an
+    error."""
     for row in rows:
         if not row["run_id"]:
             continue
