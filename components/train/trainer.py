@@ -290,7 +290,9 @@ def fit_and_log(job: TrainJob, log=print, stopping=None, **trainer_options) -> d
         job.run.finish("KILLED", str(exc) or "interrupted")
         raise
     except BaseException as exc:
-        if stopping is None or not stopping():
+        if stopping is not None and stopping():
+            log(f"[train] stopped on purpose ({first_line(exc)}); the run is left for the caller to close")
+        else:
             job.run.finish("FAILED", f"training failed: {first_line(exc)}")
         raise
     state = best_checkpoint_state(result, job.storage_dir, job.run.run_id)
