@@ -132,6 +132,21 @@ def test_each_head_trains_above_the_prevalence_baseline(head, tiny_dataset):
 
 
 @pytest.mark.parametrize("head", ["linear", "csra"])
+def test_drop_rate_drops_before_either_head_in_training_only(head):
+    from components.models import build_model
+
+    x = torch.randn(4, 1, 32, 32)
+    torch.manual_seed(0)
+    dropping, plain = build_model("resnet10t", 3, head=head, drop_rate=0.5), build_model("resnet10t", 3, head=head)
+    for model in (dropping, plain):
+        model.train()  # batch norm on batch statistics: the same batch gives the same output
+    assert not torch.equal(dropping(x), dropping(x)) and torch.equal(plain(x), plain(x))
+    dropping.eval()
+    with torch.no_grad():
+        assert torch.equal(dropping(x), dropping(x))
+
+
+@pytest.mark.parametrize("head", ["linear", "csra"])
 def test_a_crt_stage_changes_only_the_head(head):
     from components.models.heads import classifier_parameter_names
     from components.train.build import build_parts

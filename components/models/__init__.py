@@ -49,7 +49,7 @@ def build_model(
             state, source = timm_pretrained_state(name), f"timm ({name})"
         report = load_adapted(model, state, source, min_loaded)
     if head != "linear":
-        model = HeadedModel(model, make_head(head, model.num_features, num_classes, head_lambda))
+        model = HeadedModel(model, make_head(head, model.num_features, num_classes, head_lambda), drop_rate)
     model.load_report = report
     return model
 

@@ -38,17 +38,20 @@ class CSRAHead(nn.Module):
 
 class HeadedModel(nn.Module):
     """A timm backbone (built without its classifier) and a head over its unpooled features:
-    (B, C, H, W) maps of CNNs and (B, N, C) tokens of transformers both become (B, L, C)."""
+    (B, C, H, W) maps of CNNs and (B, N, C) tokens of transformers both become (B, L, C).
+    ``drop_rate``: dropout on those features, where timm's own classifier would drop its pooled ones
+    (``model.drop_rate``)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.drop = nn.Dropout(drop_rate)
         self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.backbone.forward_features(x)
         tokens = f.flatten(2).transpose(1, 2) if f.ndim == 4 else f
-        return self.head(tokens)
+        return self.head(self.drop(tokens))
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -58,6 +61,10 @@ class HeadedModel(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:  # timm models say whether it is on
+        return bool(getattr(self.backbone, "grad_checkpointing", False))
 
 
 def make_head(kind: str, in_features: int, num_classes: int, lam: float = 0.1) -> nn.Module:
