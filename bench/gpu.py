@@ -34,11 +34,13 @@ def ceiling(model_name: str, size: int, batch: int, steps: int, channels_last: b
     """Images/s of forward + backward + AdamW on one fixed batch already on the device."""
     import torch
 
+    from components.config import load_config
     from components.losses import build_loss
-    from components.models import build_model
     from components.models.inputs import normalize
+    from components.train.build import build_model_for
 
-    model = build_model(model_name, 26, 1).to(device)
+    # the model `ralflow train --model NAME` builds (its default head included), as the streamed runs
+    model = build_model_for(load_config(None, {"model": {"name": model_name}}), 26).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile_ else model

@@ -32,16 +32,18 @@ def plain_loop_images_per_s(data, image_size, model_name, batch_size, steps, str
     `steps` batches decoded into memory first, then trained on (pure compute, an upper bound)."""
     import torch
 
+    from components.config import load_config
     from components.data.ingest import AugmentOptions, build_ray_dataset
     from components.data.manifest import Manifest
     from components.losses import build_loss
-    from components.models import build_model
     from components.models.inputs import normalize
+    from components.train.build import build_model_for
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     manifest = Manifest.load(data)
-    model = build_model(model_name, len(manifest.label_names), 1)
+    # the model `ralflow train --model NAME` builds (its default head included)
+    model = build_model_for(load_config(None, {"model": {"name": model_name}}), len(manifest.label_names))
     loss_fn = build_loss("ral")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 

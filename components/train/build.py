@@ -31,13 +31,15 @@ def build_loss_for(cfg: Config, manifest: Manifest):
         raise UserError(f"loss: {exc}", field="loss.name") from None
 
 
-def build_model_for(cfg: Config, manifest: Manifest):
+def build_model_for(cfg: Config, num_classes: int):
+    """The model ``cfg.model`` describes (the one place a config becomes a model: training, the
+    benches' plain loops and ceilings)."""
     from ..models import build_model
 
     m = cfg.model
     return build_model(
         m.name,
-        len(manifest.label_names),
+        num_classes,
         m.in_chans,
         m.pretrained_path,
         m.drop_rate,
@@ -149,7 +151,7 @@ def build_parts(
     from .stages import apply_init
 
     t = cfg.train
-    model = build_model_for(cfg, manifest)
+    model = build_model_for(cfg, len(manifest.label_names))
     apply_init(model, init, t.head_only, len(manifest.label_names))
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)

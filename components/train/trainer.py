@@ -32,7 +32,7 @@ def load_dataset(cfg: Config, log=print) -> Manifest:
     cfg.data.image_size = cfg.data.image_size or manifest.image_size
     cfg.tracking.run_name = cfg.tracking.run_name or cfg.default_run_name(manifest.dataset_sha256)
     build_loss_for(cfg, manifest)
-    model = build_model_for(cfg, manifest)
+    model = build_model_for(cfg, len(manifest.label_names))
     if model.load_report:
         log(f"[train] {model.load_report.line()}")
     return manifest
