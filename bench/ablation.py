@@ -101,7 +101,7 @@ def main() -> None:
     def train(name: str, seed: int, dataset: Path = data, epochs: int | None = None, **sections) -> dict:
         overrides = {
             "data": {"path": str(dataset), "sampling": "none"},
-            "model": {"name": a.model},
+            "model": {"name": a.model, "head": "linear"},  # RAL alone: timm's classifier (csra is a row)
             "train": {"epochs": epochs or a.epochs, "seed": seed, "num_workers": 0, "batch_size": 32},
             "tracking": {"tracking_uri": uri, "storage_path": str(work / "runs"), "experiment": "ablation",
                          "run_name": f"{name}-seed{seed}"},

@@ -53,7 +53,11 @@ class ModelConfig:
         0.9, help="stop when less than this share of the backbone's tensors came from the weights"
     )
     drop_rate: float = setting(0.0, help="dropout before the classifier")
-    head: str = setting("linear", choices=HEADS, help="classifier head: linear (timm's) or csra (attention)")
+    head: str = setting(
+        "csra",
+        choices=HEADS,
+        help="classifier head: csra (class-specific attention; the ablation's pick) or linear (timm's)",
+    )
     head_lambda: float = setting(0.1, help="csra: weight of the attention scores beside the average-pooled ones")
 
 
