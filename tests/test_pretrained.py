@@ -45,6 +45,14 @@ def test_a_3_channel_stem_becomes_its_channel_sum_and_the_head_starts_fresh(tmp_
     assert "1 adapted (input stem), 2 new" in report.line()
 
 
+def test_a_head_of_ralflows_starts_fresh_and_is_counted_new(tmp_path):
+    torch.save(imagenet_like(classes=5), tmp_path / "w.pt")
+    model = build_model("resnet10t", 5, in_chans=1, pretrained_path=str(tmp_path / "w.pt"), head="csra")
+    report = model.load_report  # the file's classifier has no place; CSRA's two (weight, bias) pairs are new
+    assert (report.adapted, report.new, report.unused, report.backbone_share) == (1, 4, 2, 1.0)
+    assert "1 adapted (input stem), 4 new, 2 unused" in report.line()
+
+
 def test_the_same_classes_load_the_head_too(tmp_path):
     torch.save(imagenet_like(classes=5), tmp_path / "w.pt")
     report = build_model("resnet10t", 5, in_chans=1, pretrained_path=str(tmp_path / "w.pt")).load_report

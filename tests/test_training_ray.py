@@ -50,9 +50,10 @@ def test_local_mode_train_loop(tiny_dataset, tmp_path, ray_address):
     c = mlflow.MlflowClient(cfg.tracking.tracking_uri)
     run = c.get_run(out["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["loss.name"] == "ral"
-    # the pretrained start is reported and logged; EMA weights were scored beside the raw ones
-    assert any("1 adapted (input stem), 2 new" in line for line in said)
-    assert (run.data.params["pretrained.adapted"], run.data.params["pretrained.new"]) == ("1", "2")
+    # the pretrained start is reported and logged (the default CSRA head's 4 tensors start fresh);
+    # EMA weights were scored beside the raw ones
+    assert any("1 adapted (input stem), 4 new, 2 unused" in line for line in said)
+    assert (run.data.params["pretrained.adapted"], run.data.params["pretrained.new"]) == ("1", "4")
     assert {"val_mAP_raw", "val_mAP_ema", "ema_selected"} <= set(run.data.metrics)
     assert run.data.tags["ralflow.weights"] in ("raw", "ema")
     assert [m.step for m in c.get_metric_history(out["run_id"], "val_mAP")] == [1]  # epochs count from 1

@@ -21,6 +21,8 @@ def build_model(
     ``in_chans`` (``components.models.pretrained``); the load's report is ``model.load_report``.
     ``head`` other than ``linear`` puts that head (``components.models.heads``) on the backbone's
     unpooled features."""
+    import dataclasses
+
     import timm
 
     from .heads import HEADS, HeadedModel, make_head
@@ -49,7 +51,10 @@ def build_model(
             state, source = timm_pretrained_state(name), f"timm ({name})"
         report = load_adapted(model, state, source, min_loaded)
     if head != "linear":
-        model = HeadedModel(model, make_head(head, model.num_features, num_classes, head_lambda), drop_rate)
+        classifier = make_head(head, model.num_features, num_classes, head_lambda)
+        model = HeadedModel(model, classifier, drop_rate)
+        if report is not None:  # the head starts fresh too: count its tensors with the new ones
+            report = dataclasses.replace(report, new=report.new + len(classifier.state_dict()))
     model.load_report = report
     return model
 
