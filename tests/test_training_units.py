@@ -159,6 +159,7 @@ def test_unreachable_tracking_server_fails_fast(cli, tiny_dataset, tmp_path):
     assert r.returncode == 2
     assert "cannot reach the MLflow tracking server at http://127.0.0.1:9" in r.stderr
     assert "Traceback" not in r.stderr and time.monotonic() - t0 < 60
+    assert "ray: started" not in r.stdout + r.stderr  # checked before a local Ray is started for the run
     assert not list(tmp_path.glob("*"))  # nothing started, nothing written
 
 

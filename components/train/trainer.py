@@ -446,6 +446,7 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     from ..runtime import check_shared_path, init_ray
 
     manifest = load_dataset(cfg, log)
+    check_tracking_uri(cfg.tracking.tracking_uri)  # an unreachable server fails before Ray starts
     init_ray(address, log=log)
     check_resources(cfg, log)
     check_shared_path(cfg.tracking.storage_path, "tracking.storage_path", field="tracking.storage_path")
