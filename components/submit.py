@@ -96,6 +96,17 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         )
 
 
+def jobs_client(client_cls, address: str):
+    """A Ray Jobs client for ``address`` itself. Ray's client prefers RAY_API_SERVER_ADDRESS, then
+    RAY_ADDRESS, over the address it is given: with either exported for another cluster (or for an
+    embedded Ray on this machine), `--address` would be checked and then the job sent elsewhere."""
+    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        return client_cls(address)
+    finally:
+        os.environ.update(saved)
+
+
 def submit_with_retry(client, entrypoint: str, runtime_env: dict, job_id: str | None, wait_s: float = 120.0) -> str:
     """A cluster that just started answers "No available agent ... try again later" until its
     job agent is up: retry that answer (only that one) for a while."""
@@ -146,7 +157,7 @@ def submit(
         runtime_env["pip"] = pip
     workflow_args = workflow_args[1:] if workflow_args[:1] == ["--"] else workflow_args
     entrypoint = " ".join([shlex.quote(python), "-m", f"workflows.{workflow}", *map(shlex.quote, workflow_args)])
-    client = JobSubmissionClient(address)
+    client = jobs_client(JobSubmissionClient, address)
     job_id = submit_with_retry(client, entrypoint, runtime_env, job_id)
     print(f"submit: job {job_id} on {address}: {entrypoint}", flush=True)
     if not wait:

@@ -4,6 +4,7 @@ the file/row/field, and nothing the user had is lost. Every input here is writte
 from __future__ import annotations
 
 import csv
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -309,6 +310,22 @@ def test_submit_says_what_is_wrong_with_the_address(http_answer, monkeypatch, tm
         check_reachable(http_answer(401))
     (tmp_path / "no-token").write_text("secret")
     check_reachable(http_answer(401))  # with a token, ralflow goes on and attaches it
+
+
+def test_submit_sends_the_job_to_the_address_given_whatever_the_environment_says(http_answer, monkeypatch):
+    """Ray's Jobs client prefers RAY_API_SERVER_ADDRESS / RAY_ADDRESS over its argument: an exported
+    address of another cluster must not take the job away from --address."""
+    from ray.job_submission import JobSubmissionClient
+
+    from components.submit import jobs_client
+
+    elsewhere = "http://127.0.0.1:9"  # nothing listens there: a client that went there would fail
+    monkeypatch.setenv("RAY_ADDRESS", elsewhere)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", elsewhere)
+    given = http_answer(200, b'{"version": "4", "ray_version": "2.60.0"}')
+    client = jobs_client(JobSubmissionClient, given)
+    assert client.get_address() == given
+    assert os.environ["RAY_ADDRESS"] == os.environ["RAY_API_SERVER_ADDRESS"] == elsewhere  # left as found
 
 
 def test_the_cli_shows_the_flag_of_a_bad_setting(cli, tmp_path):
