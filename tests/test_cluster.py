@@ -35,7 +35,7 @@ def local_cluster(tmp_path_factory):
     loss test comes last, as it takes a node away."""
     state = Path(f"/tmp/rfc-{os.getpid()}")  # short: Ray's socket paths must stay < 108 chars
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # the session's Ray, when it already runs
         **PORTS,
         "RALFLOW_CLUSTER_DIR": str(state),
         "RALFLOW_WORKER_NODES": "1",
@@ -112,7 +112,7 @@ def test_submit_to_two_node_cluster_with_mlflow_server(local_cluster, tiny_datas
         "cluster-test",
         "--experiment",
         "cluster",
-        env=env,
+        env={**env, "RAY_ADDRESS": "http://127.0.0.1:9"},  # an exported address elsewhere: --address wins
         timeout=900,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
@@ -227,7 +227,7 @@ def test_a_stopped_tune_job_resumes_without_rerunning_finished_trials(local_clus
     sweep without running a finished trial again."""
     state, env, _ = local_cluster
     uri, address, storage = "http://127.0.0.1:5056", "http://127.0.0.1:8291", state / "shared"
-    sweep = ["tune", "--data", str(tiny_dataset), "--loss", "ral", "--model", "resnet10t", "--num-samples", "3",
+    sweep = ["tune", "--data", str(tiny_dataset), "--loss", "ral", "--model", "resnet10t", "--num-samples", "2",
              "--max-epochs", "1", "--image-size", "32", "--batch-size", "32", "--num-workers", "1",
              "--tracking-uri", uri, "--storage-path", str(storage), "--name", "cluster-sweep",
              "--experiment", "sweeps"]  # fmt: skip
@@ -249,9 +249,12 @@ def test_a_stopped_tune_job_resumes_without_rerunning_finished_trials(local_clus
         for x in runs()
         if x.info.status == "FINISHED" and "ralflow.trial_id" in x.data.tags
     }
-    assert finished, "no trial finished in time"
     ray_cli = str(Path(sys.executable).with_name("ray"))  # `ray job stop`: SIGTERM to the job, as users stop one
     token_env = {**env, "RAY_AUTH_MODE": "token"}
+    if not finished:
+        logs = subprocess.run([ray_cli, "job", "logs", "--address", address, "sweep-1"], env=token_env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        pytest.fail("no trial finished in time; the job's log:\n" + (logs.stdout + logs.stderr)[-4000:])
     stop = subprocess.run([ray_cli, "job", "stop", "--address", address, "sweep-1"], env=token_env,
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
