@@ -31,7 +31,7 @@ def test_run_then_predict_from_champion(tmp_path, cli, ray_address):
         "--image-size",
         "32",
         "--num-samples",
-        "2",
+        "1",
         "--max-epochs",
         "1",
         "--batch-size",
