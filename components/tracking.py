@@ -62,10 +62,13 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 
 
 def client(uri: str):
-    """An MLflow client for reading (runs, metric histories, model versions)."""
+    """An MLflow client for reading (runs, metric histories, model versions) of the store at
+    ``uri``, registry included: MLflow would otherwise take the registry from whatever this
+    process set last (``mlflow.set_registry_uri``, which loading a model does, and which it also
+    exports as MLFLOW_REGISTRY_URI to every process started afterwards)."""
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:

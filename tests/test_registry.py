@@ -126,3 +126,15 @@ def test_promote_cli_errors_are_one_line(cli, tmp_path):
     )
     r = cli("promote", "--tracking-uri", "http://127.0.0.1:9", "--model-name", "x", cwd=tmp_path)
     assert r.returncode == 2 and "cannot reach the MLflow tracking server" in r.stderr
+
+
+def test_a_client_reads_its_own_stores_registry_whatever_the_process_set_before(tmp_path, monkeypatch):
+    """Loading a model sets MLflow's process-wide registry URI (and exports MLFLOW_REGISTRY_URI):
+    a client for another store must still read that store's registry."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    here, elsewhere = f"sqlite:///{tmp_path}/here.db", f"sqlite:///{tmp_path}/elsewhere.db"
+    tracking.client(here).create_registered_model("only-here")
+    monkeypatch.setattr(registry_utils, "_registry_uri", elsewhere)  # what mlflow.set_registry_uri leaves
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", elsewhere)
+    assert tracking.client(here).get_registered_model("only-here").name == "only-here"
