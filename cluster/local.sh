@@ -54,6 +54,9 @@ export PATH="$BIN:$PATH"   # jobs' `python` is this python on every node
 # Inherited by every process of this cluster: Ray Train's placement-group cleaner finds its
 # cluster through it (with several Ray instances on one machine it cannot guess).
 export RAY_ADDRESS="http://127.0.0.1:$DASH_PORT"
+# Jobs without --tracking-uri report to this cluster's MLflow server, as on KubeRay (whose pods
+# set it), not to a SQLite file in a job's temporary working directory.
+if [ "$MLFLOW_PORT" != 0 ]; then export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"; fi
 RAY="$BIN/ray"
 TMP="$DIR/ray"             # Ray's temp dir (worker nodes: $TMP-wN): marks every process of this cluster
 # Each node needs its own temp dir even on one machine: nodes sharing one would unpack the same

@@ -149,9 +149,18 @@ class TrainConfig:
     )
 
 
+TRACKING_URI_DEFAULT = "(default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)"
+
+
+def default_tracking_uri() -> str:
+    """MLflow's own convention first: MLFLOW_TRACKING_URI, which the KubeRay manifests set on
+    every pod and cluster/local.sh writes to its cluster.env; else a SQLite store here."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
+
+
 @dataclass
 class TrackingConfig:
-    tracking_uri: str | None = setting(None, help="MLflow tracking URI (default sqlite:///<cwd>/mlflow.db)")
+    tracking_uri: str | None = setting(None, help=f"MLflow tracking URI {TRACKING_URI_DEFAULT}")
     experiment: str = setting("ralflow", help="MLflow experiment")
     run_name: str | None = setting(
         None, help="Ray Train / MLflow run name (default: from the config; stable => resumable)"
@@ -298,8 +307,7 @@ def resolve_defaults(cfg: Config) -> Config:
     against their declared choices and ranges. Done once, on the driver; the run name, which
     depends on the dataset, is set when the dataset is loaded."""
     t = cfg.tracking
-    if not t.tracking_uri:
-        t.tracking_uri = f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
+    t.tracking_uri = t.tracking_uri or default_tracking_uri()
     if not t.storage_path:
         t.storage_path = str(Path(os.getcwd()).resolve() / "ralflow-runs")
     elif "://" not in t.storage_path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DECODE_ON, setting
+from .config import DECODE_ON, TRACKING_URI_DEFAULT, setting
 from .errors import UserError
 from .studies import AGGREGATES, aggregate
 
@@ -32,7 +32,7 @@ class PredictOptions:
     split: str | None = setting(None, help="split to score (default: test if present, else val)")
     source: str | None = setting(None, help="instead of --data: a dataset root with its CSV files and images")
     format: str = setting("cxr-lt-2023", help="format of --source")
-    tracking_uri: str | None = setting(None, help="MLflow tracking/registry URI (default sqlite:///<cwd>/mlflow.db)")
+    tracking_uri: str | None = setting(None, help=f"MLflow tracking/registry URI {TRACKING_URI_DEFAULT}")
     batch_size: int = setting(64, help="images per model call")
     actors: int | None = setting(None, help="model replicas (default: 1 per GPU, else half the CPUs)")
     model_weight: list[float] | None = setting(None, help="one weight per --model-uri (default: equal)")
@@ -229,7 +229,7 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
     Returns ``{"rows", "out", "rejects", "metrics"}``."""
     import ray
 
-    from .config import Config, resolve_defaults
+    from .config import default_tracking_uri
     from .metrics import multilabel_metrics
     from .runtime import init_ray
     from .tracking import TrackedRun, check_tracking_uri
@@ -241,7 +241,7 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
             raise UserError(f"{name}={value} is invalid; allowed: >= 1", field=name)
     if Path(opts.out).is_dir():
         raise UserError(f"out {opts.out} is a folder; give the CSV file to write", field="out")
-    uri = opts.tracking_uri or resolve_defaults(Config()).tracking.tracking_uri
+    uri = opts.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     views = tta_views(opts.tta)
     weights = opts.model_weight or [1.0] * len(opts.model_uri)

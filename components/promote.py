@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .config import setting
+from .config import TRACKING_URI_DEFAULT, setting
 from .errors import UserError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -18,7 +18,7 @@ METRIC = "best_val_mAP"
 @dataclass
 class PromoteOptions:
     model_name: str = setting(help="registered model name")
-    tracking_uri: str | None = setting(None, help="MLflow tracking/registry URI (default sqlite:///<cwd>/mlflow.db)")
+    tracking_uri: str | None = setting(None, help=f"MLflow tracking/registry URI {TRACKING_URI_DEFAULT}")
     run_id: str | None = setting(None, help="run whose model to register (default: the best run by validation mAP)")
     experiment: str = setting("ralflow", help="where to look for the best run")
     margin: float = setting(0.0, help="required mAP improvement over the champion")
@@ -86,14 +86,14 @@ def decide(
 def promote(opts: PromoteOptions) -> dict:
     from mlflow.exceptions import MlflowException
 
-    from .config import Config, resolve_defaults
+    from .config import default_tracking_uri
     from .tracking import ModelRegistry, check_tracking_uri, client
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", opts.model_name):
         raise UserError(
             f"model_name {opts.model_name!r} is invalid; use letters, digits, '.', '_' and '-'", field="model_name"
         )
-    uri = opts.tracking_uri or resolve_defaults(Config()).tracking.tracking_uri
+    uri = opts.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     c = client(uri)
     if opts.margin < 0:

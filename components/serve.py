@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .config import setting
+from .config import TRACKING_URI_DEFAULT, default_tracking_uri, setting
 from .errors import UserError
 
 
@@ -23,7 +23,7 @@ from .errors import UserError
 class ServeOptions:
     model_name: str = setting(help="registered model to serve")
     alias: str = setting("champion", help="registry alias to serve (followed as it moves)")
-    tracking_uri: str | None = setting(None, help="MLflow tracking/registry URI (default sqlite:///<cwd>/mlflow.db)")
+    tracking_uri: str | None = setting(None, help=f"MLflow tracking/registry URI {TRACKING_URI_DEFAULT}")
     host: str = setting("127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     port: int = setting(8000, help="HTTP port")
     route_prefix: str = setting("/", help="URL prefix of the application")
@@ -97,15 +97,9 @@ def app_from_args(args: dict):
             value = value.strip().lower() in ("1", "true", "yes", "on")
         values[key] = value
     opts = ServeOptions(**values)
-    uri = opts.tracking_uri or resolve_tracking_uri()
+    uri = opts.tracking_uri or default_tracking_uri()
     use_gpu = opts.gpu if opts.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     return build_app(opts, uri, use_gpu)
-
-
-def resolve_tracking_uri() -> str:
-    from .config import Config, resolve_defaults
-
-    return resolve_defaults(Config()).tracking.tracking_uri
 
 
 def serve_champion(opts: ServeOptions, address: str | None = None, log=print, ready=None) -> dict:
@@ -124,7 +118,7 @@ def serve_champion(opts: ServeOptions, address: str | None = None, log=print, re
     ):
         if not ok:
             raise UserError(f"{name}={value} is invalid", field=name)
-    uri = opts.tracking_uri or resolve_tracking_uri()
+    uri = opts.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     version = check_model(opts, uri)
     init_ray(address, log=log)

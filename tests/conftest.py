@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# A developer's exported MLflow server is ralflow's default store: keep the tests (and the CLIs
+# they start) on the stores they name or their own working directory.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 RALFLOW = str(Path(sys.executable).with_name("ralflow"))
 
 

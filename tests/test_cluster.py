@@ -13,9 +13,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
+
+from components.tracking import client
 
 from .conftest import ROOT, run_cli
 
@@ -60,8 +61,8 @@ def local_cluster(tmp_path_factory):
         left = subprocess.run(["pgrep", "-f", str(state / "ray")], capture_output=True, text=True)
         assert set(left.stdout.split()) <= {str(before.pid), str(after.pid)}, f"processes left: {left.stdout}"
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
-        client = str(int(PORTS["RALFLOW_RAY_PORT"]) + 1)  # the Ray Client server
-        for port in (*PORTS.values(), client, "8301", "8302"):  # GCS, dashboard, MLflow, client, the nodes' agents
+        client_port = str(int(PORTS["RALFLOW_RAY_PORT"]) + 1)  # the Ray Client server
+        for port in (*PORTS.values(), client_port, "8301", "8302"):  # GCS, dashboard, MLflow, client, the nodes' agents
             assert f":{port} " not in listening, f"port {port} still in use after down"
         assert (
             subprocess.run(["curl", "-sf", f"http://127.0.0.1:{PORTS['RALFLOW_MLFLOW_PORT']}/health"]).returncode != 0
@@ -103,9 +104,7 @@ def test_submit_to_two_node_cluster_with_mlflow_server(local_cluster, tiny_datas
         "--image-size",
         "32",
         "--config",
-        str(spread),
-        "--tracking-uri",
-        uri,
+        str(spread),  # no --tracking-uri: the cluster's MLFLOW_TRACKING_URI is the default, as on KubeRay
         "--storage-path",
         str(storage),
         "--run-name",
@@ -119,7 +118,7 @@ def test_submit_to_two_node_cluster_with_mlflow_server(local_cluster, tiny_datas
     run_id = re.search(r"run id: (\w+)", r.stdout).group(1)
     assert re.search(r"job \S+ SUCCEEDED", r.stdout)
 
-    c = mlflow.MlflowClient(uri)
+    c = client(uri)  # this store's registry too, whatever an earlier test left process-wide
     run = c.get_run(run_id)
     nodes = run.data.tags["ralflow.worker_nodes"].split(",")
     assert len(set(nodes)) == 2, "the two training workers should run on the two nodes"
@@ -184,7 +183,7 @@ def train_until_first_epoch(env, address, uri, storage, data, run_name, experime
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("ralflow")), *args], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    c = mlflow.MlflowClient(uri)
+    c = client(uri)
     run_id, deadline = None, time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None and run_id is None:
         time.sleep(2)
@@ -233,7 +232,7 @@ def test_a_stopped_tune_job_resumes_without_rerunning_finished_trials(local_clus
              "--experiment", "sweeps"]  # fmt: skip
     r = run_cli("submit", "--address", address, "--no-wait", "--job-id", "sweep-1", *sweep, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    c = mlflow.MlflowClient(uri)
+    c = client(uri)
 
     def runs():
         exp = c.get_experiment_by_name("sweeps")

@@ -84,6 +84,18 @@ def test_bad_config_names_the_key(tmp_path, text, match):
         load_config(str(y))
 
 
+def test_the_tracking_uri_defaults_to_mlflows_environment_variable_then_a_local_store(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI (set on every pod by the KubeRay manifests) is MLflow's own default: a
+    job submitted there without --tracking-uri must report to that server, not to a pod's disk."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert load_config(None, {}).tracking.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert load_config(None, {}).tracking.tracking_uri == "http://mlflow.internal:5000"
+    flag = {"tracking": {"tracking_uri": f"sqlite:///{tmp_path}/other.db"}}
+    assert load_config(None, flag).tracking.tracking_uri == f"sqlite:///{tmp_path}/other.db"  # the flag wins
+
+
 def test_lr_schedule_warmup_then_cosine():
     f = [lr_factor(s, 10, 5, 1.0, 0.01) for s in range(0, 51)]
     assert f[0] < 0.01 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
