@@ -6,11 +6,62 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
+
+from .errors import UserError
 
 # Ray kills idle task workers after 1 s by default, so each epoch's Ray Data tasks would start new
 # Python processes (torch, PIL imports) while the training loop waits (bench/train.py shows the
 # data wait). cluster/ passes the same to `ray start`.
 SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
+def auth_env() -> dict:
+    """Ray token authentication: use it when a token is available (file or RAY_AUTH_TOKEN).
+    A client in token mode also connects to a cluster without authentication."""
+    return {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")} if token_available() else {}
+
+
+def token_available() -> bool:
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or token_file.is_file()
+
+
+def use_token_for_cluster(address: str | None) -> None:
+    """Before Ray is imported (it reads RAY_AUTH_MODE then): Ray turns token authentication on by
+    itself only for a cluster it finds alone, never for an explicit address (--address or
+    RAY_ADDRESS), where a token-auth cluster would refuse it for 20 s and then fail."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        os.environ.update(auth_env())
+
+
+def check_ray_address(where: str, address: str, timeout: float = 5.0, field: str | None = None) -> None:
+    """An address a driver can join, and something listening there: Ray would wait minutes on an
+    address where nothing listens. Errors say ``where`` (the address and where it came from)."""
+    import socket
+    import urllib.parse
+
+    if address.startswith(("http://", "https://")):  # what `ray job submit` and local.sh's cluster.env use
+        raise UserError(
+            f"{where} is a Ray Jobs (dashboard) address: run on that cluster with `ralflow submit "
+            "--address URL ...`, or join it with its GCS address (head:6379)",
+            field=field,
+        )
+    parsed = urllib.parse.urlparse(address if "://" in address else f"ray-gcs://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:  # "auto", "local": Ray looks for a cluster on this machine itself
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(
+            f"cannot reach the Ray cluster at {where} ({exc.strerror or exc}): is it up, and is this its "
+            "GCS address (head:6379)?",
+            field=field,
+        ) from None
 
 
 def free_port() -> int:
@@ -37,11 +88,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
     global _embedded
     if ray.is_initialized():
         return
+    named = {"field": "address"} if address else {}  # else from RAY_ADDRESS, which the message says
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     with own_sigterm_handler():
         if address:
-            ray.init(address=address, **quiet)
+            where = address if named else f"{address} (RAY_ADDRESS)"
+            check_ray_address(where, address, **named)
+            try:
+                ray.init(address=address, **quiet)
+            except ConnectionError:
+                raise UserError(
+                    f"cannot connect to the Ray cluster at {where}: the port answers, but not as a Ray cluster "
+                    "this client may join: is it the GCS address (head:6379), and, with token authentication, "
+                    "is the cluster's token here (~/.ray/auth_token or RAY_AUTH_TOKEN)?",
+                    **named,
+                ) from None
             log(f"ray: connected to cluster at {address}")
             return
         start_local_ray(num_cpus, **quiet)

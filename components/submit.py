@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .runtime import auth_env, token_available
 
 WORKFLOWS = ("prepare", "verify", "train", "tune", "promote", "predict", "serve", "synth", "run")
 EXCLUDES = [
@@ -24,16 +25,6 @@ EXCLUDES = [
     "*.egg-info/",
 ]
 PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
-
-
-def auth_env() -> dict:
-    """Ray token authentication: use it when a token is available (file or RAY_AUTH_TOKEN)."""
-    return {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")} if token_available() else {}
-
-
-def token_available() -> bool:
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or token_file.is_file()
 
 
 def jobs_address(address: str | None) -> str:

@@ -328,6 +328,50 @@ def test_submit_sends_the_job_to_the_address_given_whatever_the_environment_says
     assert os.environ["RAY_ADDRESS"] == os.environ["RAY_API_SERVER_ADDRESS"] == elsewhere  # left as found
 
 
+def test_joining_a_ray_cluster_says_what_is_wrong_with_the_address(cli, tmp_path):
+    """Ray waits minutes on an address where nothing listens, and refuses a dashboard URL with a
+    message cut short: both fail in seconds with a line that says what to do."""
+    import socket
+
+    from components.runtime import check_ray_address
+
+    with pytest.raises(UserError, match=r"^http://h:8265 \(RAY_ADDRESS\) is a Ray Jobs \(dashboard\) address: run on"):
+        check_ray_address("http://h:8265 (RAY_ADDRESS)", "http://h:8265")
+    check_ray_address("auto", "auto")  # Ray's own search on this machine: nothing to check here
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_ray_address("a head", f"127.0.0.1:{listening.getsockname()[1]}")  # something answers: go on
+    r = cli("prepare", "--format", "nih", "--source", str(tmp_path), "--out", str(tmp_path / "out"),
+            "--address", "127.0.0.1:9", cwd=tmp_path, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "ralflow prepare: error: cannot reach the Ray cluster at 127.0.0.1:9 (Connection refused): is it up, "
+        "and is this its GCS address (head:6379)? (flag --address)"
+    )
+
+
+def test_a_token_here_is_used_for_a_named_cluster_only(monkeypatch, tmp_path):
+    """Ray turns token authentication on by itself for a cluster it finds alone, never for an
+    explicit address, which a token-auth cluster then refuses: ralflow uses the token there."""
+    from components.runtime import use_token_for_cluster
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "unset below")  # so that the test's end restores the variable
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "auth_token"))
+    use_token_for_cluster("head:6379")
+    assert "RAY_AUTH_MODE" not in os.environ  # no token here: nothing to send
+    (tmp_path / "auth_token").write_text("secret")
+    use_token_for_cluster(None)
+    assert "RAY_AUTH_MODE" not in os.environ  # a local Ray: Ray's own default applies
+    use_token_for_cluster("head:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    use_token_for_cluster("head:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"  # the user's own choice stands
+
+
 def test_the_cli_shows_the_flag_of_a_bad_setting(cli, tmp_path):
     r = cli("train", "--data", str(tmp_path), "--cpus-per-worker", "0", cwd=tmp_path)
     assert r.returncode == 2

@@ -20,6 +20,7 @@ import traceback
 
 from components.errors import UserError
 from components.flags import flags_by_dest
+from components.runtime import use_token_for_cluster
 
 # subcommand -> module (order = order in --help)
 COMMANDS = {
@@ -47,6 +48,13 @@ def build_parser(module, prog: str, parser=None) -> argparse.ArgumentParser:
     return parser
 
 
+def add_address_flag(parser) -> None:
+    """The Ray cluster a driver joins (``ralflow submit`` takes the Jobs URL instead)."""
+    parser.add_argument(
+        "--address", help="Ray cluster to join: its GCS address HEAD:6379 (default: RAY_ADDRESS, else a local Ray)"
+    )
+
+
 def quiet_libraries() -> None:
     """Keep stderr for what the user must read: MLflow's store set-up chatter and its advice on
     pyfunc type hints are not that."""
@@ -72,6 +80,7 @@ def execute(module, args: argparse.Namespace, prog: str) -> int:
     """Run a workflow; user mistakes become a one-line message on stderr and exit code 2; Ctrl-C
     and SIGTERM end it saying so, with 130 and 143."""
     quiet_libraries()
+    use_token_for_cluster(getattr(args, "address", None))
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return int(module.run(args) or 0)

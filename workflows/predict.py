@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from workflows.cli import main_for
+from workflows.cli import add_address_flag, main_for
 
 DESCRIPTION = "Batch inference with Ray Data using a registered model; writes the CXR-LT submission CSV."
 
@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
     from components.predict import PredictOptions
 
     add_dataclass_flags(parser, PredictOptions)
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")
+    add_address_flag(parser)
 
 
 def run(args) -> int:

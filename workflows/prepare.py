@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from workflows.cli import main_for
+from workflows.cli import add_address_flag, main_for
 
 DESCRIPTION = "Read CXR-LT/NIH/CheXpert data and write Parquet shards + manifest.json (resumable)."
 
@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
     add_dataclass_flags(parser, PrepareOptions)
     parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     parser.add_argument("--local", action="store_true", help="process shards in this process, without Ray")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")
+    add_address_flag(parser)
 
 
 def run(args) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from workflows.cli import main_for
+from workflows.cli import add_address_flag, main_for
 
 DESCRIPTION = "Serve models:/NAME@champion over HTTP with Ray Serve (PNG/JPEG/DICOM in, probabilities out)."
 
@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
     from components.serve import ServeOptions
 
     add_dataclass_flags(parser, ServeOptions)
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")
+    add_address_flag(parser)
 
 
 def run(args) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from workflows.cli import main_for
+from workflows.cli import add_address_flag, main_for
 
 DESCRIPTION = "Train on a prepared dataset with Ray Train; track in MLflow; print the run id."
 
@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
     from components.flags import add_config_flags
 
     add_config_flags(parser)
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")
+    add_address_flag(parser)
 
 
 def run(args) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from workflows.cli import main_for
+from workflows.cli import add_address_flag, main_for
 
 DESCRIPTION = "Hyperparameter sweep over a loss with Ray Tune (Optuna + ASHA), tracked in MLflow."
 
@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
     # --max-epochs sets train.epochs; each trial names its own run.
     add_config_flags(parser, exclude=("train.epochs", "tracking.run_name"))
     add_dataclass_flags(parser, SweepOptions)
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")
+    add_address_flag(parser)
 
 
 def run(args) -> int:
