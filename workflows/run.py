@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from workflows.cli import main_for
+from workflows.cli import add_address_flag, main_for
 
 DESCRIPTION = "End to end: synth -> prepare -> tune -> promote -> predict on the embedded default."
 
@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
     from components.pipeline import PipelineOptions
 
     add_dataclass_flags(parser, PipelineOptions)
-    parser.add_argument("--address", help="Ray cluster address (default: a local Ray for this run)")
+    add_address_flag(parser)
 
 
 def run(args) -> int:
