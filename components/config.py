@@ -153,8 +153,8 @@ TRACKING_URI_DEFAULT = "(default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlf
 
 
 def default_tracking_uri() -> str:
-    """MLflow's own convention first: MLFLOW_TRACKING_URI, which the KubeRay manifests set on
-    every pod and cluster/local.sh writes to its cluster.env; else a SQLite store here."""
+    """MLflow's own convention first: MLFLOW_TRACKING_URI, which the KubeRay manifests, the
+    launcher YAML's head and cluster/local.sh set for their jobs; else a SQLite store here."""
     return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
 
 
