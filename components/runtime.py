@@ -88,13 +88,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
     global _embedded
     if ray.is_initialized():
         return
-    named = {"field": "address"} if address else {}  # else from RAY_ADDRESS, which the message says
+    field = "address" if address else None  # else from RAY_ADDRESS, which the messages say
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     with own_sigterm_handler():
         if address:
-            where = address if named else f"{address} (RAY_ADDRESS)"
-            check_ray_address(where, address, **named)
+            where = address if field else f"{address} (RAY_ADDRESS)"
+            check_ray_address(where, address, field=field)
             try:
                 ray.init(address=address, **quiet)
             except ConnectionError:
@@ -102,7 +102,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
                     f"cannot connect to the Ray cluster at {where}: the port answers, but not as a Ray cluster "
                     "this client may join: is it the GCS address (head:6379), and, with token authentication, "
                     "is the cluster's token here (~/.ray/auth_token or RAY_AUTH_TOKEN)?",
-                    **named,
+                    field=field,
                 ) from None
             log(f"ray: connected to cluster at {address}")
             return
