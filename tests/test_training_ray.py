@@ -169,11 +169,18 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
 
 
 @pytest.mark.parametrize(
-    "sig,code,word,reason",
-    [(signal.SIGTERM, 143, "terminated", "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted", "interrupted")],
+    "sig,code,word,reason,mid_training",
+    [
+        (signal.SIGTERM, 143, "terminated", "terminated (SIGTERM)", True),
+        (signal.SIGINT, 130, "interrupted", "interrupted", False),
+    ],
+    ids=["SIGTERM-mid-training", "SIGINT-while-starting"],
 )
-def test_a_signal_ends_the_run_killed_saying_so(tiny_dataset, tmp_path, ray_address, sig, code, word, reason):
-    """SIGTERM (ray job stop, a scheduler) and Ctrl-C end training with the run KILLED and why,
+def test_a_signal_ends_the_run_killed_saying_so(
+    tiny_dataset, tmp_path, ray_address, sig, code, word, reason, mid_training
+):
+    """SIGTERM (ray job stop, a scheduler) after an epoch, and Ctrl-C as soon as the run exists
+    (before any epoch: a user who sees a wrong flag), end training with the run KILLED and why,
     and the command says so with the conventional exit code."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [
@@ -201,13 +208,13 @@ def test_a_signal_ends_the_run_killed_saying_so(tiny_dataset, tmp_path, ray_addr
         proc = subprocess.Popen([RALFLOW, *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 preexec_fn=default_sigint)  # fmt: skip
     c, deadline, run_id = mlflow.MlflowClient(uri), time.monotonic() + 300, None
-    while time.monotonic() < deadline and proc.poll() is None:  # until the first epoch is logged
-        time.sleep(2)
+    while time.monotonic() < deadline and proc.poll() is None:  # until the run exists, or its first epoch is logged
+        time.sleep(2 if mid_training else 0.5)
         try:
             runs = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])
         except Exception:  # the store is still being created
             continue
-        if runs and c.get_metric_history(runs[0].info.run_id, "val_mAP"):
+        if runs and (not mid_training or c.get_metric_history(runs[0].info.run_id, "val_mAP")):
             run_id = runs[0].info.run_id
             break
     assert run_id, (tmp_path / "out.log").read_text()[-3000:]
