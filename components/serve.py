@@ -39,11 +39,10 @@ class ServeOptions:
 
 def check_model(opts: ServeOptions, uri: str) -> str:
     """The version the alias points at now; a clear error when the model or alias is missing."""
-    import mlflow
+    from .tracking import client
 
-    client = mlflow.MlflowClient(uri, uri)
     try:
-        return str(client.get_model_version_by_alias(opts.model_name, opts.alias).version)
+        return str(client(uri).get_model_version_by_alias(opts.model_name, opts.alias).version)
     except Exception as exc:  # noqa: BLE001 - unknown name or alias: say which
         raise UserError(
             f"model_name {opts.model_name}@{opts.alias} is not in the registry at {uri} "

@@ -18,10 +18,12 @@ class ChampionService:
     def __init__(self, opts, tracking_uri: str) -> None:
         import mlflow
 
+        from .tracking import client
+
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
         self.opts = opts
-        self.client = mlflow.MlflowClient(tracking_uri, tracking_uri)
+        self.client = client(tracking_uri)
         self.current = self._load(self._alias_version())
         self.score.set_max_batch_size(opts.max_batch_size)
         self.score.set_batch_wait_timeout_s(opts.batch_wait_ms / 1000)
