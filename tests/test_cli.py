@@ -38,3 +38,24 @@ def test_user_mistake_is_one_line_error(cli):
     ]
     r = cli("demo", "--loss-param", "ral.lamb=0.2")
     assert r.returncode == 2 and "lamb >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_unknown_flag_is_refused_by_its_workflow_with_the_closest_flag(capsys):
+    """Not the top level's usage and `ralflow: error:`: the subcommand's, naming it, and the flag
+    meant when one is close; `python -m workflows.X` says the same."""
+    import pytest
+
+    from workflows.cli import main, main_for
+
+    flags = ["--data", "x", "--ler=3", "--val-every", "0"]
+    ways = {
+        "ralflow train": lambda: main(["train", *flags]),
+        "python -m workflows.train": lambda: main_for("workflows.train", flags),
+    }
+    for prog, run in ways.items():
+        with pytest.raises(SystemExit) as exit_:
+            run()
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0].startswith(f"usage: {prog} ")
+        assert err[-1] == f"{prog}: error: unrecognized arguments: --ler=3 --val-every 0 (did you mean: --ler -> --lr?)"

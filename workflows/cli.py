@@ -131,8 +131,29 @@ def main_for(module_name: str, argv: list[str] | None = None) -> int:
     else:
         module = importlib.import_module(module_name)
     prog = f"python -m {module_name}"
-    args = build_parser(module, prog).parse_args(argv)
+    parser = build_parser(module, prog)
+    args = parse_or_explain(parser, lambda _: parser, argv)
     return execute(module, args, prog)
+
+
+def parse_or_explain(parser, subparser_of, argv):
+    """``parser.parse_args(argv)``, except that arguments the workflow does not know are refused by
+    the workflow's own parser (its usage, ``ralflow train: error: ...``, not the top level's), with
+    the closest flag it has when one is close (``--epoch`` -> ``--epochs``)."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    own = subparser_of(args)
+    flags = [o for a in own._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and (close := difflib.get_close_matches(name, flags, n=1, cutoff=0.75)):
+            hints.append(f"{name} -> {close[0]}")
+    hint = f" (did you mean: {', '.join(hints)}?)" if hints else ""
+    own.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
 def build_cli_parser() -> argparse.ArgumentParser:
@@ -151,12 +172,12 @@ def build_cli_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         build_parser(module, f"ralflow {name}", p)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_cli_parser().parse_args(argv)
+    args = parse_or_explain(build_cli_parser(), lambda a: a._parser, argv)
     return execute(args._module, args, f"ralflow {args.command}")
 
 
