@@ -12,6 +12,7 @@ bytes and JSON. This module imports no Ray at import time: ``ralflow --help`` st
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -101,12 +102,44 @@ def app_from_args(args: dict):
     return build_app(opts, uri, use_gpu)
 
 
+def port_in_use(host: str, port: int) -> UserError:
+    return UserError(
+        f"port={port}: {host}:{port} is already in use; choose another --port, or stop what listens there",
+        field="port",
+    )
+
+
+def check_serve_port(port: int) -> None:
+    """Serve already running on the cluster keeps its HTTP port and ignores the one asked for (with
+    a log line on the cluster): refuse, rather than say a URL that nothing answers."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client().http_config.port
+    if running != port:
+        raise UserError(
+            f"port={port}: Serve already runs on this Ray cluster with its HTTP proxy on port {running}, and "
+            f"keeps it: use --port {running}, or stop Serve there first (`serve shutdown`)",
+            field="port",
+        )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on (as the proxy will bind it: address reuse on,
+    so a socket in TIME_WAIT from a server just stopped does not count)."""
+    import socket
+
+    try:
+        socket.create_server((host, port)).close()
+    except OSError:
+        raise port_in_use(host, port) from None
+
+
 def serve_champion(opts: ServeOptions, address: str | None = None, log=print, ready=None) -> dict:
     """Deploy the service; serve until interrupted (or return at once with ``detach``)."""
     import ray
     from ray import serve
 
-    from .runtime import embedded_ray, init_ray
+    from .runtime import init_ray
     from .tracking import check_tracking_uri
 
     for name, value, ok in (
@@ -120,11 +153,20 @@ def serve_champion(opts: ServeOptions, address: str | None = None, log=print, re
     uri = opts.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     version = check_model(opts, uri)
+    if not (address or os.environ.get("RAY_ADDRESS")):  # a local Ray: its HTTP proxy will listen here
+        if opts.detach:
+            raise UserError("detach needs a Ray cluster (--address or RAY_ADDRESS): local Ray ends with this process")
+        check_port_free(opts.host, opts.port)
     init_ray(address, log=log)
-    if opts.detach and embedded_ray():
-        raise UserError("detach needs a Ray cluster (--address or RAY_ADDRESS): local Ray ends with this process")
     use_gpu = opts.gpu if opts.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    serve.start(http_options={"host": opts.host, "port": opts.port})
+    try:
+        serve.start(http_options={"host": opts.host, "port": opts.port})
+    except RuntimeError as exc:  # Ray wraps the proxy's bind failure in a RayTaskError(RuntimeError)
+        if "Failed to bind" not in str(exc):
+            raise
+        serve.shutdown()  # the Serve instance this call started, which has no proxy
+        raise port_in_use(opts.host, opts.port) from None
+    check_serve_port(opts.port)
     serve.run(build_app(opts, uri, use_gpu), name="ralflow", route_prefix=opts.route_prefix, blocking=False)
     url = f"http://{opts.host}:{opts.port}{opts.route_prefix.rstrip('/')}"
     log(

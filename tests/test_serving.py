@@ -225,6 +225,17 @@ def test_ralflow_serve_answers_follows_the_champion_and_survives_a_broken_dicom(
         assert status == 422 and answer["error"].startswith("undecodable")
         assert post(f"{base}/predict", films[0])[0] == 200  # still serving
 
+        # Serve already runs on this cluster with its proxy on `port`: another port is refused, not
+        # promised in a URL nothing answers; the running service is untouched
+        other = free_port()
+        r = run_cli("serve", "--address", ray_address, "--model-name", "cxr", "--tracking-uri", uri,
+                    "--port", str(other), "--detach")  # fmt: skip
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+            f"ralflow serve: error: --port={other}: Serve already runs on this Ray cluster with its HTTP proxy on "
+            f"port {port}, and keeps it: use --port {port}, or stop Serve there first (`serve shutdown`)"
+        )
+        assert post(f"{base}/predict", films[0])[0] == 200
+
         registry_ = ModelRegistry(uri)  # promote another model: served without a restart
         registry_.set_alias("cxr", "champion", registry_.register("cxr", runs[1], {}))
         deadline = time.monotonic() + 60
@@ -245,6 +256,21 @@ def test_ralflow_serve_answers_follows_the_champion_and_survives_a_broken_dicom(
     assert code == 130, log.read_text()[-3000:]
     with pytest.raises((urllib.error.URLError, OSError)):
         urllib.request.urlopen(f"{base}/health", timeout=5)  # Serve shut down with the command
+
+
+def test_serve_on_a_local_ray_refuses_a_busy_port_and_detach_before_starting_ray(registry):
+    uri, _ = registry
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = run_cli("serve", "--model-name", "cxr", "--tracking-uri", uri, "--port", str(port))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"ralflow serve: error: --port={port}: 127.0.0.1:{port} is already in use; choose another --port, "
+        "or stop what listens there"
+    ]  # one line: no Ray started, no proxy tracebacks
+    r = run_cli("serve", "--model-name", "cxr", "--tracking-uri", uri, "--detach")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "ralflow serve: error: detach needs a Ray cluster (--address or RAY_ADDRESS): local Ray ends with this process"
+    ]
 
 
 def test_predict_scores_studies_with_tta_and_an_ensemble_in_one_pass(registry, ray_address, tmp_path):
