@@ -109,6 +109,30 @@ def port_in_use(host: str, port: int) -> UserError:
     )
 
 
+def check_replicas_fit(opts: ServeOptions, use_gpu: bool, log=print) -> None:
+    """Replicas that cannot fit ralflow's embedded Ray (a fixed size) are refused before Serve
+    waits for them forever; on a cluster, which may autoscale, say what they wait for."""
+    import ray
+
+    from .runtime import embedded_ray
+    from .train.resources import describe, missing
+
+    need = {"CPU": opts.replicas * opts.cpus_per_replica, **({"GPU": opts.replicas} if use_gpu else {})}
+    short = missing(need, ray.cluster_resources())
+    if not short:
+        return
+    if embedded_ray():
+        each = f"{opts.cpus_per_replica:g} CPU{' + 1 GPU' if use_gpu else ''} each"
+        raise UserError(
+            f"replicas={opts.replicas}: {opts.replicas} replica(s) x {each} need {describe(short)} on this machine; "
+            f"lower --replicas or --cpus-per-replica{', use --no-gpu' if 'GPU' in short else ''}, or serve on a "
+            "cluster (--address)",
+            field="replicas",
+        )
+    log(f"serve: waiting for resources: {opts.replicas} replica(s) need {describe(short)}; an autoscaling cluster "
+        "adds nodes")  # fmt: skip
+
+
 def check_serve_port(port: int) -> None:
     """Serve already running on the cluster keeps its HTTP port and ignores the one asked for (with
     a log line on the cluster): refuse, rather than say a URL that nothing answers."""
@@ -159,6 +183,7 @@ def serve_champion(opts: ServeOptions, address: str | None = None, log=print, re
         check_port_free(opts.host, opts.port)
     init_ray(address, log=log)
     use_gpu = opts.gpu if opts.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    check_replicas_fit(opts, use_gpu, log)
     try:
         serve.start(http_options={"host": opts.host, "port": opts.port})
     except RuntimeError as exc:  # Ray wraps the proxy's bind failure in a RayTaskError(RuntimeError)

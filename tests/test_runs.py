@@ -93,6 +93,22 @@ def test_a_run_that_cannot_fit_the_embedded_ray_is_refused(monkeypatch):
     assert len(said) == 1  # a run that fits says nothing
 
 
+def test_serve_replicas_on_a_cluster_say_what_they_wait_for(monkeypatch):
+    import ray
+
+    import components.runtime as runtime
+    from components.serve import ServeOptions, check_replicas_fit
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 1.0})
+    monkeypatch.setattr(runtime, "_embedded", False)
+    said = []
+    check_replicas_fit(ServeOptions("cxr", replicas=2, cpus_per_replica=2), True, said.append)
+    assert said == ["serve: waiting for resources: 2 replica(s) need 2 GPU (the cluster has 1); an autoscaling "
+                    "cluster adds nodes"]  # fmt: skip
+    check_replicas_fit(ServeOptions("cxr", replicas=4, cpus_per_replica=1), False, said.append)
+    assert len(said) == 1  # replicas that fit say nothing
+
+
 @pytest.mark.parametrize(
     "edit,match",
     [

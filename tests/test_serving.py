@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -258,7 +259,7 @@ def test_ralflow_serve_answers_follows_the_champion_and_survives_a_broken_dicom(
         urllib.request.urlopen(f"{base}/health", timeout=5)  # Serve shut down with the command
 
 
-def test_serve_on_a_local_ray_refuses_a_busy_port_and_detach_before_starting_ray(registry):
+def test_serve_on_a_local_ray_refuses_a_busy_port_detach_and_replicas_it_cannot_hold(registry):
     uri, _ = registry
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
@@ -271,6 +272,16 @@ def test_serve_on_a_local_ray_refuses_a_busy_port_and_detach_before_starting_ray
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "ralflow serve: error: detach needs a Ray cluster (--address or RAY_ADDRESS): local Ray ends with this process"
     ]
+    # replicas the local Ray cannot hold: refused, where Serve would wait for them forever
+    r = run_cli("serve", "--model-name", "cxr", "--tracking-uri", uri, "--port", str(free_port()), "--replicas", "3",
+                "--cpus-per-replica", "1000", "--gpu", timeout=120)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.fullmatch(
+        r"ralflow serve: error: --replicas=3: 3 replica\(s\) x 1000 CPU \+ 1 GPU each need 3000 CPU \(the cluster "
+        r"has \d+\), 3 GPU \(the cluster has \d+\) on this machine; lower --replicas or --cpus-per-replica, use "
+        r"--no-gpu, or serve on a cluster \(--address\)",
+        r.stderr.strip().splitlines()[-1],
+    )
 
 
 def test_predict_scores_studies_with_tta_and_an_ensemble_in_one_pass(registry, ray_address, tmp_path):

@@ -31,9 +31,13 @@ def resources_needed(cfg: Config) -> dict:
     return need
 
 
+def missing(need: dict, have: dict) -> dict:
+    """``{resource: (needed, present)}`` for what ``have`` (cluster totals) lacks of ``need``."""
+    return {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+
+
 def shortfall(cfg: Config, have: dict) -> dict:
-    """``{resource: (needed, present)}`` for what ``have`` (cluster totals) lacks."""
-    return {k: (v, have.get(k, 0.0)) for k, v in resources_needed(cfg).items() if v > have.get(k, 0.0) + 1e-9}
+    return missing(resources_needed(cfg), have)
 
 
 def describe(short: dict) -> str:
