@@ -22,6 +22,10 @@ ENSEMBLE_MODES = ("prob", "logit")
 SCALE_TTA = 0.875  # "scale": the centre 87.5% of the film, resized back (a 1.14x zoom)
 
 
+# CPUs of each task that reads and decodes images: what the model's actors leave must hold one.
+DECODE_CPUS = 0.5
+
+
 @dataclass
 class PredictOptions:
     model_uri: list[str] = setting(
@@ -178,7 +182,7 @@ def source_dataset(opts: PredictOptions, label_names: list[str], image_size: int
             )
         split = opts.split or ("test" if "test" in manifest.splits else "val")
         decode = opts.decode_on == "cpu"  # gpu: the stored JPEG bytes travel to the model's actor
-        ds = build_ray_dataset(manifest, split, image_size, None, keep_ids=True, num_cpus=0.5, decode=decode)
+        ds = build_ray_dataset(manifest, split, image_size, None, keep_ids=True, num_cpus=DECODE_CPUS, decode=decode)
         log(f"predict: {manifest.split(split).num_images} images from split '{split}' of {opts.data}")
         return ds, split, manifest.group_list()
     from .data.readers import read_source
@@ -208,7 +212,7 @@ def source_dataset(opts: PredictOptions, label_names: list[str], image_size: int
         fn_kwargs={"image_size": image_size, "root": os.path.realpath(opts.source)},
         batch_size=opts.batch_size,
         batch_format="numpy",
-        num_cpus=0.5,
+        num_cpus=DECODE_CPUS,
     )
     log(f"predict: {len(rows)} images from split '{split}' of {opts.source}")
     return ds, split, None
@@ -222,6 +226,29 @@ def write_csv_atomically(path: Path, header: list[str], rows) -> None:
         w.writerow(header)
         w.writerows(rows)
     os.replace(tmp, path)
+
+
+def check_actors_fit(actors: int, on_gpus: bool, log=print) -> None:
+    """The model's actors (a CPU each, or a GPU each) and one decode task must fit: actors holding
+    every CPU leave none for reading images, and the job waits forever. ralflow's embedded Ray (a
+    fixed size) refuses such a job at start; on a cluster, which may autoscale, say what it waits for."""
+    import ray
+
+    from .runtime import embedded_ray
+    from .train.resources import describe, missing
+
+    need = {"CPU": (0 if on_gpus else actors) + DECODE_CPUS, **({"GPU": actors} if on_gpus else {})}
+    short = missing(need, ray.cluster_resources())
+    if not short:
+        return
+    if embedded_ray():
+        raise UserError(
+            f"actors={actors}: {actors} model actor(s) x 1 {'GPU' if on_gpus else 'CPU'} each, and {DECODE_CPUS:g} CPU "
+            f"to read images, need {describe(short)} on this machine; lower --actors",
+            field="actors",
+        )
+    log(f"predict: waiting for resources: {actors} model actor(s) and a decode task need {describe(short)}; an "
+        "autoscaling cluster adds nodes")  # fmt: skip
 
 
 def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict:
@@ -262,6 +289,7 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
     ds, split, groups = source_dataset(opts, label_names, image_size, log)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = opts.actors or (gpus or max(1, int(ray.cluster_resources().get("CPU", 2)) // 2))
+    check_actors_fit(actors, gpus > 0, log)
     scored = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={

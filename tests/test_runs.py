@@ -316,3 +316,29 @@ def test_a_stale_ray_snapshot_is_set_aside_not_fatal(tmp_path):
     snapshot.write_text("{truncated")
     assert "is unreadable" in set_aside_stale_ray_snapshot(str(tmp_path))
     assert set_aside_stale_ray_snapshot(str(tmp_path / "no-run-yet")) is None
+
+
+def test_predict_actors_must_leave_a_cpu_to_read_images(monkeypatch):
+    """Actors holding every CPU leave none for the decode tasks and the job waits forever (seen:
+    `predict --actors 2` on 2 CPUs); the embedded Ray refuses it, a cluster says what it waits for."""
+    import ray
+
+    import components.runtime as runtime
+    from components.predict import check_actors_fit
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(runtime, "_embedded", True)
+    check_actors_fit(1, False)  # 1 CPU for the model, 0.5 to read: fits
+    with pytest.raises(UserError) as err:
+        check_actors_fit(2, False)
+    assert err.value.field == "actors" and str(err.value) == (
+        "actors=2: 2 model actor(s) x 1 CPU each, and 0.5 CPU to read images, need 2.5 CPU (the cluster has 2) on "
+        "this machine; lower --actors"
+    )
+    with pytest.raises(UserError, match=r"x 1 GPU each, .* need 1 GPU \(the cluster has 0\)"):
+        check_actors_fit(1, True)
+    monkeypatch.setattr(runtime, "_embedded", False)
+    said = []
+    check_actors_fit(4, False, said.append)
+    assert said == ["predict: waiting for resources: 4 model actor(s) and a decode task need 4.5 CPU (the cluster "
+                    "has 2); an autoscaling cluster adds nodes"]  # fmt: skip
