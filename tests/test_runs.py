@@ -342,3 +342,42 @@ def test_predict_actors_must_leave_a_cpu_to_read_images(monkeypatch):
     check_actors_fit(4, False, said.append)
     assert said == ["predict: waiting for resources: 4 model actor(s) and a decode task need 4.5 CPU (the cluster "
                     "has 2); an autoscaling cluster adds nodes"]  # fmt: skip
+
+
+def test_a_sweep_refused_opens_no_run_and_one_that_fails_to_start_ends_failed(dataset, tmp_path, monkeypatch):
+    """Seen: `tune --num-workers 2 --cpus-per-worker 1` on 2 CPUs was refused after its parent run
+    was opened, and that run stayed RUNNING. Now what can refuse a sweep comes first, and a failure
+    after the parent exists (here: building the Tuner) ends it FAILED with the reason."""
+    import mlflow
+
+    import components.tune.sweep as sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(None, {"data": {"path": str(dataset), "image_size": 32}, "model": {"name": "resnet10t"},
+                             "tracking": {"tracking_uri": uri, "storage_path": str(tmp_path / "runs")}})  # fmt: skip
+    import components.runtime as runtime
+
+    for module, name in ((runtime, "init_ray"), (runtime, "check_shared_path"), (sweep, "trials_per_cluster")):
+        monkeypatch.setattr(module, name, lambda *a, **k: 1)  # no Ray here: what it would say, it fits
+
+    def too_big(cfg, log=print):
+        raise UserError("train.num_workers 2 x train.cpus_per_worker 1 ... needs 2.5 CPU (the cluster has 2)")
+
+    monkeypatch.setattr(sweep, "check_resources", too_big)
+    with pytest.raises(UserError, match="needs 2.5 CPU"):
+        sweep.run_sweep(cfg, sweep.SweepOptions(num_samples=1, max_epochs=1, name="big"), log=lambda *_: None)
+    exp = mlflow.MlflowClient(uri).get_experiment_by_name("ralflow")
+    assert exp is None or mlflow.MlflowClient(uri).search_runs([exp.experiment_id]) == []
+
+    monkeypatch.setattr(sweep, "check_resources", lambda cfg, log=print: None)
+
+    def no_tuner(*args, **kwargs):
+        raise RuntimeError("the Tuner could not be built")
+
+    monkeypatch.setattr(sweep, "build_tuner", no_tuner)
+    with pytest.raises(RuntimeError):
+        sweep.run_sweep(cfg, sweep.SweepOptions(num_samples=1, max_epochs=1, name="broken"), log=lambda *_: None)
+    c = mlflow.MlflowClient(uri)
+    (parent,) = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["ralflow.end_reason"] == "sweep failed: RuntimeError: the Tuner could not be built"

@@ -23,6 +23,7 @@ from ..tracking import TrackedRun, check_tracking_uri
 from ..train.resources import check_resources
 from ..train.trainer import (
     STORAGE_TAG,
+    first_line,
     fit_and_log,
     load_dataset,
     load_init_weights,
@@ -237,36 +238,36 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
         "ralflow.dataset_sha256": manifest.dataset_sha256,
     }
     identity = {"ralflow.dataset_sha256": manifest.dataset_sha256, STORAGE_TAG: f"{storage}/{name}"}
+    # What can refuse the sweep comes before its parent run exists: a refusal leaves no run RUNNING.
+    init_ray(address, log=log)
+    check_resources(cfg, log)
+    check_shared_path(storage, "tracking.storage_path", field="tracking.storage_path")
     parent = TrackedRun.open(uri, cfg.tracking.experiment, name, {**tags, **identity}, identity)
     log(
         f"[tune] sweep '{name}': MLflow parent run {parent.run_id} ({'resumed' if parent.resumed else 'new'}); "
         f"tracking {uri}; storage {storage}/{name}"
     )
-    if not parent.resumed:
-        parent.log_files({"search_space.yaml": yaml.safe_dump({cfg.loss.name: space}, sort_keys=False)})
-        parent.log_params(
-            {
-                "num_samples": opts.num_samples,
-                "max_epochs": cfg.train.epochs,
-                "loss": cfg.loss.name,
-                "model": cfg.model.name,
-                "dataset.sha256": manifest.dataset_sha256,
-            }
-        )
-
-    init_ray(address, log=log)
-    check_resources(cfg, log)
-    check_shared_path(storage, "tracking.storage_path", field="tracking.storage_path")
-    concurrent = min(opts.max_concurrent or trials_per_cluster(cfg), opts.num_samples)
-    base = copy.deepcopy(cfg)
-    base.tracking.run_name = None
-    trial = make_trial_fn(base, manifest, parent.run_id, name, storage, local_data=embedded_ray())
-    # The trial function only drives its TorchTrainer: a token CPU share; the workers ask for their own.
-    tuner = build_tuner(cfg, opts, tune.with_resources(trial, {"CPU": 0.01}), space, name, concurrent, log)
-    # Tune's own SIGINT handler stops "gracefully" and returns as if the sweep had ended; ralflow
-    # lets the interrupt through instead and closes the runs (the state Tune saved resumes).
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
+        if not parent.resumed:
+            parent.log_files({"search_space.yaml": yaml.safe_dump({cfg.loss.name: space}, sort_keys=False)})
+            parent.log_params(
+                {
+                    "num_samples": opts.num_samples,
+                    "max_epochs": cfg.train.epochs,
+                    "loss": cfg.loss.name,
+                    "model": cfg.model.name,
+                    "dataset.sha256": manifest.dataset_sha256,
+                }
+            )
+        concurrent = min(opts.max_concurrent or trials_per_cluster(cfg), opts.num_samples)
+        base = copy.deepcopy(cfg)
+        base.tracking.run_name = None
+        trial = make_trial_fn(base, manifest, parent.run_id, name, storage, local_data=embedded_ray())
+        # The trial function only drives its TorchTrainer: a token CPU share; the workers ask for their own.
+        tuner = build_tuner(cfg, opts, tune.with_resources(trial, {"CPU": 0.01}), space, name, concurrent, log)
+        # Tune's own SIGINT handler stops "gracefully" and returns as if the sweep had ended; ralflow
+        # lets the interrupt through instead and closes the runs (the state Tune saved resumes).
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         results = tuner.fit()
     except KeyboardInterrupt as exc:
         import time
@@ -281,6 +282,11 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
         ray.shutdown()
         time.sleep(3)
         close_running_trials(parent, name, f"sweep {reason}")
+        raise
+    except BaseException as exc:
+        reason = f"sweep failed: {first_line(exc)}"
+        close_running_trials(parent, name, reason)
+        parent.finish("FAILED", reason)
         raise
     rows = trials_table(results, name, parent.client, parent.get().info.experiment_id)
     close_trial_runs(rows, uri)
