@@ -23,6 +23,11 @@ from .errors import UserError
 RUN_KEY_TAG = "ralflow.run_name"
 RESTART_METRIC = "restart_from_epoch"
 END_REASON_TAG = "ralflow.end_reason"
+# The process driving a run (host, pid, its start time, and a heartbeat): a second `train` of the
+# same run name, or `tune --resume` of a sweep still going, must not take over a run that lives.
+DRIVER_TAG = "ralflow.driver"
+HEARTBEAT_S = 30.0
+DRIVER_GONE_S = 3 * HEARTBEAT_S  # a driver on another host silent this long is gone (crashed, node lost)
 
 # MLflow draws a progress bar for every artifact it downloads, a dozen small ones at the end of each
 # run: noise between the lines people read. Set the variable to true to have them back.
@@ -119,15 +124,61 @@ def _finite_metrics(metrics: dict, step: int) -> list:
     ]
 
 
+def process_started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or None when there is no
+    such process here: with the pid, it names a process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def this_process() -> dict:
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": process_started(os.getpid())}
+
+
+def refuse_if_driven(run_name: str, run_id: str, lease_json: str) -> None:
+    """A RUNNING run whose driver lives (a process on this host that is still there, or one on
+    another host heard from within DRIVER_GONE_S) is not taken over; this process's own run is."""
+    import json
+
+    try:
+        lease = json.loads(lease_json)
+    except ValueError:
+        return
+    me = this_process()
+    if lease.get("host") == me["host"]:
+        if lease.get("pid") == me["pid"] or process_started(lease.get("pid", -1)) != lease.get("started"):
+            return  # this process's own run, or its driver is gone
+        since = f"pid {lease['pid']} on this host"
+    else:
+        age = time.time() - float(lease.get("beat", 0))
+        if age >= DRIVER_GONE_S:
+            return
+        since = (
+            f"pid {lease.get('pid')} on {lease.get('host')}, heard from {age:.0f} s ago; a driver silent for "
+            f"{DRIVER_GONE_S:.0f} s is taken as gone"
+        )
+    raise UserError(
+        f"tracking.run_name {run_name}: MLflow run {run_id} is being trained right now ({since}); wait for it, "
+        "stop it, or give another run_name",
+        field="tracking.run_name",
+    )
+
+
 class TrackedRun:
     """One MLflow run and every write to it."""
 
     def __init__(self, tracking_uri: str, run_id: str, resumed: bool = False) -> None:
         self.tracking_uri, self.run_id, self.resumed = tracking_uri, run_id, resumed
         self._client = None
+        self._heartbeat = None  # set while this process holds the run (see hold)
 
     def __getstate__(self) -> dict:  # the client holds connections: each process opens its own
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_heartbeat": None}
 
     @property
     def client(self):
@@ -153,6 +204,8 @@ class TrackedRun:
                         "resume it with the same dataset and storage_path, or give another run_name",
                         field="tracking.run_name",
                     )
+            if found[0].info.status == "RUNNING" and (lease := found[0].data.tags.get(DRIVER_TAG)):
+                refuse_if_driven(run_name, run_id, lease)
             if found[0].info.status != "RUNNING":
                 c.update_run(run_id, status="RUNNING")
             return cls(tracking_uri, run_id, resumed=True)
@@ -301,8 +354,32 @@ class TrackedRun:
             if card:
                 self.log_file(Path(tmp) / "model_card.md")
 
+    def hold(self) -> None:
+        """Record this process as the run's driver, with a heartbeat every HEARTBEAT_S until the
+        run ends or the process does: ``open`` elsewhere then refuses the run while it lives."""
+        import json
+        import threading
+
+        me, stop = this_process(), threading.Event()
+
+        def beat() -> None:
+            try:
+                self.client.set_tag(self.run_id, DRIVER_TAG, json.dumps({**me, "beat": time.time()}))
+            except Exception:  # noqa: BLE001 - a missed heartbeat is not a failure of the run
+                pass
+
+        def keep_beating() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                beat()
+
+        beat()  # written before training starts: a second driver sees it at once
+        threading.Thread(target=keep_beating, name="ralflow-heartbeat", daemon=True).start()
+        self._heartbeat = stop
+
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """End the run as FINISHED, FAILED or KILLED, recording why when there is a reason."""
+        if self._heartbeat is not None:
+            self._heartbeat.set()
         if reason:
             self.client.set_tag(self.run_id, END_REASON_TAG, reason[:5000])
         self.client.set_terminated(self.run_id, status)

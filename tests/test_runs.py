@@ -5,6 +5,7 @@ ending with its reason."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import types
 
@@ -381,3 +382,54 @@ def test_a_sweep_refused_opens_no_run_and_one_that_fails_to_start_ends_failed(da
     (parent,) = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])
     assert parent.info.status == "FAILED"
     assert parent.data.tags["ralflow.end_reason"] == "sweep failed: RuntimeError: the Tuner could not be built"
+
+
+def test_a_run_whose_driver_lives_is_not_taken_over(tmp_path):
+    """Seen: two `ralflow train` of the same run name at once (a job submitted twice; two people with
+    the default, config-hashed name) both trained into one MLflow run and one checkpoint folder. A
+    driver now holds its run; a second open is refused while the holder lives: a process still
+    there on this host, or another host's heard from lately. A crashed driver's run resumes."""
+    import json
+    import pickle
+    import socket
+    import subprocess
+    import sys
+
+    from components.tracking import DRIVER_GONE_S, DRIVER_TAG, process_started
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = TrackedRun.open(uri, "ralflow", "r1")
+    run.hold()
+    lease = json.loads(run.get().data.tags[DRIVER_TAG])
+    assert lease["host"] == socket.gethostname() and lease["pid"] == os.getpid()
+    assert pickle.loads(pickle.dumps(run)).run_id == run.run_id  # still goes to Ray workers
+    assert TrackedRun.open(uri, "ralflow", "r1").run_id == run.run_id  # its own process may reopen it
+    run.finish("FINISHED")
+    assert run._heartbeat.is_set()  # the heartbeat ends with the run
+
+    run = TrackedRun.open(uri, "ralflow", "r2")  # leases written by hand below: no heartbeat of ours
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = {"host": socket.gethostname(), "pid": other.pid, "started": process_started(other.pid), "beat": 0}
+        run.client.set_tag(run.run_id, DRIVER_TAG, json.dumps(mine))
+        with pytest.raises(UserError) as err:
+            TrackedRun.open(uri, "ralflow", "r2")
+        assert err.value.field == "tracking.run_name" and str(err.value) == (
+            f"tracking.run_name r2: MLflow run {run.run_id} is being trained right now (pid {other.pid} on this "
+            "host); wait for it, stop it, or give another run_name"
+        )
+    finally:
+        other.kill()
+        other.wait()
+    assert TrackedRun.open(uri, "ralflow", "r2").resumed  # its driver is gone: resumed at once
+
+    elsewhere = {"host": "node-7", "pid": 1, "started": "1", "beat": time.time() - 5}
+    run.client.set_tag(run.run_id, DRIVER_TAG, json.dumps(elsewhere))
+    with pytest.raises(UserError, match=r"\(pid 1 on node-7, heard from 5 s ago; a driver silent for 90 s is"):
+        TrackedRun.open(uri, "ralflow", "r2")
+    run.client.set_tag(run.run_id, DRIVER_TAG, json.dumps({**elsewhere, "beat": time.time() - DRIVER_GONE_S - 1}))
+    assert TrackedRun.open(uri, "ralflow", "r2").resumed  # silent too long: gone
+
+    run.finish("KILLED", "interrupted")  # a run that ended is resumed whatever its last driver
+    run.client.set_tag(run.run_id, DRIVER_TAG, json.dumps({**elsewhere, "beat": time.time()}))
+    assert TrackedRun.open(uri, "ralflow", "r2").resumed

@@ -454,4 +454,5 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
         check_shared_path(str(sqlite_dir), "the SQLite tracking store in", field="tracking.tracking_uri")
     init = load_init_weights(cfg, manifest, log)
     run = open_run(cfg, manifest, log, extra_tags=init.tags(cfg.train.head_only) if init else None)
+    run.hold()  # a second `train` of this run name is refused while this one lives
     return fit_and_log(make_job(cfg, manifest, run, init=init, log=log), log)

@@ -243,6 +243,7 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
     check_resources(cfg, log)
     check_shared_path(storage, "tracking.storage_path", field="tracking.storage_path")
     parent = TrackedRun.open(uri, cfg.tracking.experiment, name, {**tags, **identity}, identity)
+    parent.hold()  # `tune --resume` elsewhere is refused while this sweep lives
     log(
         f"[tune] sweep '{name}': MLflow parent run {parent.run_id} ({'resumed' if parent.resumed else 'new'}); "
         f"tracking {uri}; storage {storage}/{name}"
