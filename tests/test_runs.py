@@ -345,10 +345,13 @@ def test_predict_actors_must_leave_a_cpu_to_read_images(monkeypatch):
                     "has 2); an autoscaling cluster adds nodes"]  # fmt: skip
 
 
-def test_a_sweep_refused_opens_no_run_and_one_that_fails_to_start_ends_failed(dataset, tmp_path, monkeypatch):
+def test_a_refused_sweep_leaves_its_run_as_it_was_and_one_that_fails_to_start_ends_failed(
+    dataset, tmp_path, monkeypatch
+):
     """Seen: `tune --num-workers 2 --cpus-per-worker 1` on 2 CPUs was refused after its parent run
-    was opened, and that run stayed RUNNING. Now what can refuse a sweep comes first, and a failure
-    after the parent exists (here: building the Tuner) ends it FAILED with the reason."""
+    was opened, and that run stayed RUNNING; the same sweep run again without --resume reopened its
+    FINISHED parent before refusing. Now what can refuse a sweep comes first, and a failure after
+    the parent is open (here: building the Tuner) ends it FAILED with the reason."""
     import mlflow
 
     import components.tune.sweep as sweep
@@ -382,6 +385,15 @@ def test_a_sweep_refused_opens_no_run_and_one_that_fails_to_start_ends_failed(da
     (parent,) = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])
     assert parent.info.status == "FAILED"
     assert parent.data.tags["ralflow.end_reason"] == "sweep failed: RuntimeError: the Tuner could not be built"
+
+    # The same sweep again without --resume, over its saved state: refused, its finished parent untouched
+    from ray import tune
+
+    c.set_terminated(parent.info.run_id, "FINISHED")
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path: path.endswith("/broken")))
+    with pytest.raises(UserError, match="sweep 'broken' already exists under"):
+        sweep.run_sweep(cfg, sweep.SweepOptions(num_samples=1, max_epochs=1, name="broken"), log=lambda *_: None)
+    assert c.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def test_a_run_whose_driver_lives_is_not_taken_over(tmp_path):

@@ -163,6 +163,22 @@ def sweep_exists(cfg: Config, opts: SweepOptions) -> bool:
     return tune.Tuner.can_restore(f"{cfg.tracking.storage_path}/{name}")
 
 
+def check_sweep_folder(resume: bool, storage: str, name: str) -> None:
+    """--resume needs the sweep's saved state; a new sweep must not start over one. Checked before
+    the parent run is opened, so that a refusal leaves the sweep's run as it was."""
+    from ray import tune
+
+    exists = tune.Tuner.can_restore(f"{storage}/{name}")
+    if resume and not exists:
+        raise UserError(
+            f"resume: no sweep '{name}' to resume under {storage} (same settings as the first run?)", field="resume"
+        )
+    if not resume and exists:
+        raise UserError(
+            f"sweep '{name}' already exists under {storage}; resume it, or give it another name", field="name"
+        )
+
+
 def build_tuner(cfg: Config, opts: SweepOptions, trainable, space: dict, name: str, concurrent: int, log=print):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -171,17 +187,9 @@ def build_tuner(cfg: Config, opts: SweepOptions, trainable, space: dict, name: s
 
     storage = cfg.tracking.storage_path
     experiment_path = f"{storage}/{name}"
-    if opts.resume:
-        if not tune.Tuner.can_restore(experiment_path):
-            raise UserError(
-                f"resume: no sweep '{name}' to resume under {storage} (same settings as the first run?)", field="resume"
-            )
+    if opts.resume:  # check_sweep_folder said there is one
         log(f"[tune] resuming sweep from {experiment_path}")
         return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
-    if tune.Tuner.can_restore(experiment_path):
-        raise UserError(
-            f"sweep '{name}' already exists under {storage}; resume it, or give it another name", field="name"
-        )
     searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=concurrent)
     # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so it can log
     # its model; ASHA stops only the ones that fall behind at a rung. Time is the trial's epoch
@@ -238,7 +246,8 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
         "ralflow.dataset_sha256": manifest.dataset_sha256,
     }
     identity = {"ralflow.dataset_sha256": manifest.dataset_sha256, STORAGE_TAG: f"{storage}/{name}"}
-    # What can refuse the sweep comes before its parent run exists: a refusal leaves no run RUNNING.
+    # What can refuse the sweep comes before its parent run is opened: a refusal leaves it as it was.
+    check_sweep_folder(opts.resume, storage, name)
     init_ray(address, log=log)
     check_resources(cfg, log)
     check_shared_path(storage, "tracking.storage_path", field="tracking.storage_path")
