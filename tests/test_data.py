@@ -232,6 +232,25 @@ def test_synth_is_deterministic_and_patient_disjoint(tmp_path):
     assert train_p and val_p and not train_p & val_p
 
 
+def test_synth_writes_only_into_an_empty_folder_or_its_own(tmp_path):
+    """synth's train.csv and development.csv are the real CXR-LT 2023 label files' names: a
+    folder holding anything else (a real dataset root, a prepared dataset) is refused untouched."""
+    real = tmp_path / "cxr-lt"
+    real.mkdir()
+    (real / "train.csv").write_text("the real labels\n")
+    (real / "files").mkdir()
+    with pytest.raises(UserError) as err:
+        write_synthetic_cxr_lt(real, SynthOptions(num_images=20, image_size=48, workers=1), progress=None)
+    assert err.value.field == "out" and str(err.value).startswith(
+        f"out {real} is not empty and was not written by synth (it holds files, train.csv); "
+    )
+    assert (real / "train.csv").read_text() == "the real labels\n" and list((real / "files").iterdir()) == []
+    ours = tmp_path / "synth"
+    write_synthetic_cxr_lt(ours, SynthOptions(num_images=20, image_size=48, workers=1), progress=None)
+    again = write_synthetic_cxr_lt(ours, SynthOptions(num_images=30, image_size=48, workers=1), progress=None)
+    assert again["train"] + again["development"] == 30  # its own folder: written again
+
+
 def test_a_cancel_during_the_decoders_imports_is_held_until_they_finish():
     """Ray cancels a running task by interrupting the main thread; one landing mid-import would
     leave half-imported modules behind in a worker process Ray reuses. The interrupt is held back

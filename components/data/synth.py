@@ -16,7 +16,9 @@ Everything is a deterministic function of the seed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -185,6 +187,25 @@ def _render_chunk(args) -> None:
         os.replace(tmp, path)
 
 
+# Left in a folder synth wrote: a later synth may write there again; any other folder it refuses.
+SYNTH_MARKER = ".ralflow-synth.json"
+
+
+def check_synth_folder(out: Path) -> None:
+    """A folder with other files is not written into: synth's train.csv and development.csv are
+    the names of the real CXR-LT 2023 label files, which it would replace."""
+    if not out.is_dir() or (out / SYNTH_MARKER).exists():
+        return
+    held = sorted((p.name for p in out.iterdir()), key=lambda n: (n.startswith("."), n))  # hidden ones last
+    if held:
+        raise UserError(
+            f"out {out} is not empty and was not written by synth (it holds {', '.join(held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}); synth writes train.csv, development.csv and files/ there: "
+            "use a new or empty folder",
+            field="out",
+        )
+
+
 def write_synthetic_cxr_lt(out: str | Path, opts: SynthOptions, progress=print) -> dict:
     """Write ``train.csv``, ``development.csv`` and JPEGs under ``out``; return a summary."""
     if opts.num_images < 10:
@@ -194,6 +215,9 @@ def write_synthetic_cxr_lt(out: str | Path, opts: SynthOptions, progress=print) 
     if not 0 <= opts.label_noise < 0.5:
         raise ValueError(f"label noise must be in [0, 0.5), got {opts.label_noise}")
     out = Path(out)
+    check_synth_folder(out)
+    out.mkdir(parents=True, exist_ok=True)  # marked first: a synth cut short may write here again
+    (out / SYNTH_MARKER).write_text(json.dumps(dataclasses.asdict(opts)) + "\n")
     rng = np.random.default_rng(opts.seed)
     n = opts.num_images
     clean, noisy = draw_labels(n, rng, opts.label_noise)  # one row per study (at most n studies)
