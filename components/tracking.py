@@ -149,17 +149,17 @@ def refuse_if_driven(run_name: str, run_id: str, lease_json: str) -> None:
         lease = json.loads(lease_json)
     except ValueError:
         return
-    me = this_process()
-    if lease.get("host") == me["host"]:
-        if lease.get("pid") == me["pid"] or process_started(lease.get("pid", -1)) != lease.get("started"):
+    me, pid = this_process(), lease.get("pid", -1)
+    if lease.get("host") == me["host"] and lease.get("started") is not None:  # the process itself can be seen
+        if pid == me["pid"] or process_started(pid) != lease["started"]:
             return  # this process's own run, or its driver is gone
-        since = f"pid {lease['pid']} on this host"
-    else:
+        since = f"pid {pid} on this host"
+    else:  # another host (or no /proc here): the heartbeat tells
         age = time.time() - float(lease.get("beat", 0))
-        if age >= DRIVER_GONE_S:
+        if age >= DRIVER_GONE_S or (lease.get("host"), pid) == (me["host"], me["pid"]):
             return
         since = (
-            f"pid {lease.get('pid')} on {lease.get('host')}, heard from {age:.0f} s ago; a driver silent for "
+            f"pid {pid} on {lease.get('host')}, heard from {age:.0f} s ago; a driver silent for "
             f"{DRIVER_GONE_S:.0f} s is taken as gone"
         )
     raise UserError(

@@ -441,6 +441,12 @@ def test_a_run_whose_driver_lives_is_not_taken_over(tmp_path):
         TrackedRun.open(uri, "ralflow", "r2")
     run.client.set_tag(run.run_id, DRIVER_TAG, json.dumps({**elsewhere, "beat": time.time() - DRIVER_GONE_S - 1}))
     assert TrackedRun.open(uri, "ralflow", "r2").resumed  # silent too long: gone
+    blind = {"host": socket.gethostname(), "pid": 1, "started": None, "beat": time.time()}  # no /proc (macOS)
+    run.client.set_tag(run.run_id, DRIVER_TAG, json.dumps(blind))
+    with pytest.raises(UserError, match=r"heard from 0 s ago"):  # then the heartbeat tells, as for another host
+        TrackedRun.open(uri, "ralflow", "r2")
+    run.client.set_tag(run.run_id, DRIVER_TAG, json.dumps({**blind, "beat": time.time() - DRIVER_GONE_S - 1}))
+    assert TrackedRun.open(uri, "ralflow", "r2").resumed
 
     run.finish("KILLED", "interrupted")  # a run that ended is resumed whatever its last driver
     run.client.set_tag(run.run_id, DRIVER_TAG, json.dumps({**elsewhere, "beat": time.time()}))
