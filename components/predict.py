@@ -234,8 +234,7 @@ def check_actors_fit(actors: int, on_gpus: bool, log=print) -> None:
     fixed size) refuses such a job at start; on a cluster, which may autoscale, say what it waits for."""
     import ray
 
-    from .runtime import embedded_ray
-    from .train.resources import describe, missing
+    from .runtime import describe, embedded_ray, missing
 
     need = {"CPU": (0 if on_gpus else actors) + DECODE_CPUS, **({"GPU": actors} if on_gpus else {})}
     short = missing(need, ray.cluster_resources())

@@ -27,11 +27,17 @@ def token_available() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN")) or token_file.is_file()
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster a driver joins: ``--address``, else RAY_ADDRESS; None: ralflow starts its
+    own local Ray (see init_ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def use_token_for_cluster(address: str | None) -> None:
     """Before Ray is imported (it reads RAY_AUTH_MODE then): Ray turns token authentication on by
     itself only for a cluster it finds alone, never for an explicit address (--address or
     RAY_ADDRESS), where a token-auth cluster would refuse it for 20 s and then fail."""
-    if address or os.environ.get("RAY_ADDRESS"):
+    if cluster_address(address):
         os.environ.update(auth_env())
 
 
@@ -76,6 +82,15 @@ def free_port() -> int:
 _embedded = False
 
 
+def missing(need: dict, have: dict) -> dict:
+    """``{resource: (needed, present)}`` for what ``have`` (cluster totals) lacks of ``need``."""
+    return {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+
+
+def describe(short: dict) -> str:
+    return ", ".join(f"{need:g} {k} (the cluster has {got:g})" for k, (need, got) in short.items())
+
+
 def embedded_ray() -> bool:
     """True when this process runs ralflow's embedded local Ray (so its settings for Ray Data,
     which Tune trials do not inherit, are passed on to them)."""
@@ -89,7 +104,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
     if ray.is_initialized():
         return
     field = "address" if address else None  # else from RAY_ADDRESS, which the messages say
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     quiet = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     with own_sigterm_handler():
         if address:

@@ -12,7 +12,6 @@ bytes and JSON. This module imports no Ray at import time: ``ralflow --help`` st
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -114,8 +113,7 @@ def check_replicas_fit(opts: ServeOptions, use_gpu: bool, log=print) -> None:
     waits for them forever; on a cluster, which may autoscale, say what they wait for."""
     import ray
 
-    from .runtime import embedded_ray
-    from .train.resources import describe, missing
+    from .runtime import describe, embedded_ray, missing
 
     need = {"CPU": opts.replicas * opts.cpus_per_replica, **({"GPU": opts.replicas} if use_gpu else {})}
     short = missing(need, ray.cluster_resources())
@@ -163,7 +161,7 @@ def serve_champion(opts: ServeOptions, address: str | None = None, log=print, re
     import ray
     from ray import serve
 
-    from .runtime import init_ray
+    from .runtime import cluster_address, init_ray
     from .tracking import check_tracking_uri
 
     for name, value, ok in (
@@ -177,7 +175,7 @@ def serve_champion(opts: ServeOptions, address: str | None = None, log=print, re
     uri = opts.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     version = check_model(opts, uri)
-    if not (address or os.environ.get("RAY_ADDRESS")):  # a local Ray: its HTTP proxy will listen here
+    if not cluster_address(address):  # a local Ray: its HTTP proxy will listen here
         if opts.detach:
             raise UserError("detach needs a Ray cluster (--address or RAY_ADDRESS): local Ray ends with this process")
         check_port_free(opts.host, opts.port)

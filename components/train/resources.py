@@ -12,6 +12,7 @@ import math
 
 from ..config import Config
 from ..errors import UserError
+from ..runtime import describe, missing
 
 # Below this a worker is not worth scheduling: fail with the reason instead.
 MIN_CPUS_PER_WORKER = 0.05
@@ -31,17 +32,8 @@ def resources_needed(cfg: Config) -> dict:
     return need
 
 
-def missing(need: dict, have: dict) -> dict:
-    """``{resource: (needed, present)}`` for what ``have`` (cluster totals) lacks of ``need``."""
-    return {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-
-
 def shortfall(cfg: Config, have: dict) -> dict:
     return missing(resources_needed(cfg), have)
-
-
-def describe(short: dict) -> str:
-    return ", ".join(f"{need:g} {k} (the cluster has {got:g})" for k, (need, got) in short.items())
 
 
 def check_resources(cfg: Config, log=print) -> None:
