@@ -386,6 +386,13 @@ def test_bad_inputs_raise_clear_errors(x, y, mask, match):
         build_loss("ral")(x, y, mask=mask)
 
 
+def test_a_caller_whose_targets_are_checked_can_skip_the_check_and_its_host_sync():
+    loss = build_loss("ral")
+    loss.check_targets = False  # as ralflow's trainer sets it: prepared labels are 0 or 1
+    assert torch.isfinite(loss(torch.zeros(2, 3), torch.full((2, 3), 2.0)))  # unchecked: computed as given
+    assert build_loss("ral").check_targets  # every other caller keeps the check
+
+
 def test_class_count_mismatch_is_reported():
     with pytest.raises(ValueError, match="class_counts has 4 classes but the logits have 3"):
         build_loss("cb", class_counts=C_COUNTS)(torch.zeros(2, 3), torch.zeros(2, 3))

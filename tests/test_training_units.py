@@ -276,6 +276,72 @@ def test_ema_weights_follow_training_and_come_back_from_a_checkpoint():
     assert torch.equal(resumed.ema.module.state_dict()[key], raw[key])
 
 
+def test_an_epoch_reports_its_loss_and_how_long_it_waited_for_its_first_batch():
+    import time
+
+    import torch
+
+    from components.train.build import build_parts
+    from components.train.loop import train_epoch
+
+    from .test_compute import batches
+
+    manifest = tiny_manifest({"a": 30, "b": 10, "c": 3})
+    cfg = load_config(None, {"model": {"name": "resnet10t"}})
+    cfg.data.image_size = 32
+    parts = build_parts(cfg, manifest, torch.device("cpu"), 1)
+    assert not parts.loss_fn.check_targets  # prepared labels: no host sync per step for the check
+
+    def slow_start(items):
+        time.sleep(0.3)  # a pipeline starting cold
+        yield from items
+
+    stats = train_epoch(parts, slow_start(batches(k=3)), torch.device("cpu"))
+    assert stats["seen"] == 24 and stats["steps"] == 3
+    assert stats["first_wait"] >= 0.3 and stats["data_wait"] >= stats["first_wait"]
+    assert math.isfinite(stats["loss_sum"]) and stats["loss_sum"] > 0  # summed on the device, read once
+
+
+def test_the_next_epochs_data_starts_before_this_epoch_is_validated(monkeypatch):
+    from components.train import loop
+
+    events = []
+
+    class Ahead:
+        def __init__(self, epoch):
+            self.epoch = epoch
+
+        def close(self):
+            events.append(("close", self.epoch))
+
+    def train_batches(cfg, shard, device, epoch, rank):
+        events.append(("start data", epoch))
+        return Ahead(epoch)
+
+    def validate(job, parts, epoch, *args):
+        events.append(("validate", epoch))
+        if epoch == 1:
+            raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(loop, "train_batches", train_batches)
+    monkeypatch.setattr(loop, "train_epoch", lambda parts, batches, *a: events.append(("train", batches.epoch)))
+    monkeypatch.setattr(loop, "validate_and_report", validate)
+    monkeypatch.setattr(loop, "fault_drill", lambda *a: None)
+    job = loop.TrainJob(load_config(None, {"train": {"epochs": 3, "stall_warn_s": 0}}), None, None, "", False)
+
+    def epoch(e, batches):
+        return loop.train_and_validate_epoch(job, None, e, batches, 0, 1, "cpu", "train shard", "val shard")
+
+    ahead = epoch(0, None)  # nothing made ahead (no warm start): this epoch's data is started first
+    assert events == [("start data", 0), ("train", 0), ("start data", 1), ("validate", 0)] and ahead.epoch == 1
+    events.clear()
+    with pytest.raises(RuntimeError, match="validation failed"):
+        epoch(1, ahead)
+    assert events == [("train", 1), ("start data", 2), ("validate", 1), ("close", 2)]  # the reader stops
+    events.clear()
+    assert epoch(2, Ahead(2)) is None and events == [("train", 2), ("validate", 2)]  # the last: nothing after
+
+
 def test_the_better_of_raw_and_ema_weights_is_the_epochs_model():
     from components.train.loop import select_weights
     from components.train.trainer import model_weights

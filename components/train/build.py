@@ -183,6 +183,7 @@ def build_parts(
 
         ema = ModelEmaV3(unwrap(model), decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
     loss = build_loss_for(cfg, manifest).to(device)
+    loss.check_targets = False  # prepared labels are 0 or 1 (prepare checked them): no host sync per step
     return TrainingParts(
         model, loss, optimizer, scheduler, scaler, autocast, ema, channels_last, t.accumulate_steps, t.head_only,
         len(manifest.label_names),

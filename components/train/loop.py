@@ -108,14 +108,16 @@ def free_resources() -> str:
 
 def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog | None = None) -> dict:
     """One pass over this worker's batches: loss sum, images, optimiser steps, time spent waiting
-    and the positive labels seen per class. With ``accumulate`` > 1 the gradients of that many
-    batches make one step (DDP syncs only on the last of them); a remainder at the end of the
-    epoch still makes a step."""
+    (and how much of it for the first batch) and the positive labels seen per class. With
+    ``accumulate`` > 1 the gradients of that many batches make one step (DDP syncs only on the
+    last of them); a remainder at the end of the epoch still makes a step. Nothing in the loop
+    waits for the device (the loss is summed where it is computed): the host queues the next
+    step's kernels while the device still runs this one."""
     import torch
 
     from ..models.inputs import normalize
 
-    loss_sum, seen, steps, micro, data_wait = 0.0, 0, 0, 0, 0.0
+    loss_sum, seen, steps, micro, data_wait, first_wait = None, 0, 0, 0, 0.0, None
     tally = ClassTally()
     n = parts.accumulate
     parts.train_mode()
@@ -125,6 +127,8 @@ def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog |
         if watchdog:
             watchdog.batch()
         data_wait += time.perf_counter() - t_wait  # time the loop stood waiting for this batch
+        if first_wait is None:  # the pipeline's start-up: cold workers, a new epoch's first blocks
+            first_wait = data_wait
         if len(batch["labels"]) < 2:  # a last batch of one: batch norm cannot train on it (every
             t_wait = time.perf_counter()  # rank has the same rows, so all skip it alike)
             continue
@@ -141,17 +145,20 @@ def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog |
             parts.scaler.scale(loss / n).backward()
         if last:
             steps += optimiser_step(parts)
-        loss_sum += float(loss.detach()) * len(x)
+        batch_loss = loss.detach() * len(x)
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
         seen += len(x)
         tally.add(y, mask)
         t_wait = time.perf_counter()
     if micro % n:
         steps += optimiser_step(parts)
+    total = 0.0 if loss_sum is None else float(loss_sum)  # waits for the last step: the time counts it
     return {
-        "loss_sum": loss_sum,
+        "loss_sum": total,
         "seen": seen,
         "steps": steps,
         "data_wait": data_wait,
+        "first_wait": first_wait or 0.0,
         "time": time.perf_counter() - t0,
         "positives": tally.counts(parts.num_classes),
     }
@@ -373,16 +380,13 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from ..data.ingest import device_batches
-    from ..data.prefetch import Prefetcher
-    from ..metrics import group_means, validation_metrics
     from ..models import unwrap
     from .build import build_parts
     from .resources import check_room_for_data
 
     quiet_ray_train_report_log()
     job: TrainJob = config["job"]
-    cfg, batch_size, size = job.cfg, job.cfg.train.batch_size, job.cfg.data.image_size
+    cfg = job.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
@@ -405,56 +409,93 @@ def train_loop_per_worker(config: dict) -> None:
         before = job.run.get().data.tags.get("ralflow.worker_nodes", "")
         job.run.set_tags({"ralflow.worker_nodes": merge_nodes(before, nodes.tolist())})
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        fault_drill(job, epoch, rank, world)
-        t_epoch = time.perf_counter()
-        with StallWatchdog(cfg.train.stall_warn_s, rank, check=lambda: check_room_for_data(cfg)) as watchdog:
-            batches = warm if epoch == start_epoch and warm else train_batches(cfg, train_shard, device, epoch, rank)
-            stats = train_epoch(parts, batches, device, watchdog)
-        # Every worker scores its share of the validation split with the unwrapped module (no DDP
-        # collective inside), the shares are gathered, and rank 0 scores the whole once.
-        candidates = {"raw": unwrap(parts.model)} | ({"ema": parts.ema.module} if parts.ema is not None else {})
-        for module in candidates.values():  # every share scored with the weights rank 0 saves
-            sync_buffers_from_rank0(module)
-        scored = {}
-        for name, module in candidates.items():
-            batches = val_shard.iter_batches(
-                batch_size=batch_size, batch_format="numpy", prefetch_batches=cfg.data.prefetch_batches
-            )
-            if cfg.data.decode_on == "gpu":
-                batches = Prefetcher(device_batches(batches, device, size, labels_on_device=False),
-                                     cfg.data.prefetch_batches, device)  # fmt: skip
-            mine = evaluate(module, batches, device, parts.autocast_dtype, parts.channels_last)
-            probs, targets, masks, studies, views = gather_to_all(*mine)
-            if rank == 0:
-                scored[name] = {
-                    "val_images": int(len(probs)),
-                    **validation_metrics(probs, targets, masks, job.manifest.group_list(), studies, views),
-                    # kept with the checkpoint: the best epoch's calibration and thresholds are fitted on them
-                    "val_outputs": {"probs": probs, "targets": targets, "masks": masks},
-                }
-        val = select_weights(scored) if rank == 0 else {"per_class_ap": None}
-        loss_sum, seen, _ = (
-            gather_to_all(np.array([stats["loss_sum"], stats["seen"], stats["steps"]]))[0].reshape(-1, 3).sum(0)
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            warm = train_and_validate_epoch(job, parts, epoch, warm, rank, world, device, train_shard, val_shard)
+    finally:
+        if warm is not None:  # a failed epoch: the next one's reader stops
+            warm.close()
+
+
+def train_and_validate_epoch(job: TrainJob, parts, epoch: int, batches, rank: int, world: int, device, train_shard,
+                             val_shard):  # fmt: skip
+    """One epoch on this worker: train on ``batches`` (made ahead, or None), then validate,
+    checkpoint and log. Returns the next epoch's batches, already flowing: started as soon as
+    training ends, their first blocks are decoded while this epoch is validated and checkpointed,
+    so a new epoch does not start by waiting for Ray Data to start (warm ingest across epochs)."""
+    from .resources import check_room_for_data
+
+    cfg = job.cfg
+    fault_drill(job, epoch, rank, world)
+    t_epoch = time.perf_counter()
+    with StallWatchdog(cfg.train.stall_warn_s, rank, check=lambda: check_room_for_data(cfg)) as watchdog:
+        stats = train_epoch(parts, batches or train_batches(cfg, train_shard, device, epoch, rank), device, watchdog)
+    ahead = train_batches(cfg, train_shard, device, epoch + 1, rank) if epoch + 1 < cfg.train.epochs else None
+    try:
+        validate_and_report(job, parts, epoch, stats, t_epoch, rank, device, val_shard)
+    except BaseException:
+        if ahead is not None:
+            ahead.close()
+        raise
+    return ahead
+
+
+def validate_and_report(job: TrainJob, parts, epoch: int, stats: dict, t_epoch: float, rank: int, device, val_shard):
+    """Score the validation split (every worker its share), then report the epoch's metrics with a
+    checkpoint; rank 0 logs them to MLflow and prints the epoch's line."""
+    import torch
+
+    from ..data.ingest import device_batches
+    from ..data.prefetch import Prefetcher
+    from ..metrics import group_means, validation_metrics
+    from ..models import unwrap
+
+    cfg, batch_size, size = job.cfg, job.cfg.train.batch_size, job.cfg.data.image_size
+    # Every worker scores its share of the validation split with the unwrapped module (no DDP
+    # collective inside), the shares are gathered, and rank 0 scores the whole once.
+    candidates = {"raw": unwrap(parts.model)} | ({"ema": parts.ema.module} if parts.ema is not None else {})
+    for module in candidates.values():  # every share scored with the weights rank 0 saves
+        sync_buffers_from_rank0(module)
+    scored = {}
+    for name, module in candidates.items():
+        batches = val_shard.iter_batches(
+            batch_size=batch_size, batch_format="numpy", prefetch_batches=cfg.data.prefetch_batches
         )
-        sampled = gather_to_all(stats["positives"][None])[0].sum(0) / max(seen, 1)  # effective class frequencies
-        metrics = {
-            "epoch": epoch + 1,  # as people count: the console, MLflow's step and best_epoch agree
-            "train_loss": loss_sum / max(seen, 1),
-            "lr": parts.scheduler.get_last_lr()[0],
-            "images_per_s": seen / max(stats["time"], 1e-9),
-            "epoch_time_s": time.perf_counter() - t_epoch,  # training + validation
-            "data_wait_frac": stats["data_wait"] / max(stats["time"], 1e-9),  # rank 0's share of time starved of data
-        }
-        if device.type == "cuda":  # what the chip held at most (rank 0), for sizing batches and images
-            metrics["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        per_class_ap, val_outputs = val.pop("per_class_ap"), val.pop("val_outputs", None)
-        metrics.update(val)
-        rates = group_means(sampled, job.manifest.group_list(), empty=None)  # groups with classes only
-        metrics.update({f"sampled_pos_rate_{g}": v for g, v in rates.items() if v is not None})
-        save_checkpoint(parts, job, epoch, metrics, per_class_ap, rank, val_outputs)
+        if cfg.data.decode_on == "gpu":
+            batches = Prefetcher(device_batches(batches, device, size, labels_on_device=False),
+                                 cfg.data.prefetch_batches, device)  # fmt: skip
+        mine = evaluate(module, batches, device, parts.autocast_dtype, parts.channels_last)
+        probs, targets, masks, studies, views = gather_to_all(*mine)
         if rank == 0:
-            if job.run:  # logged after the checkpoint is safe: a restart never logs an epoch twice
-                job.run.log_epoch(metrics, epoch + 1)
-                job.run.log_metrics(per_class_metrics("sampled_freq", job.manifest.label_names, sampled), epoch + 1)
-            print(epoch_line(metrics, cfg.train.epochs), flush=True)
+            scored[name] = {
+                "val_images": int(len(probs)),
+                **validation_metrics(probs, targets, masks, job.manifest.group_list(), studies, views),
+                # kept with the checkpoint: the best epoch's calibration and thresholds are fitted on them
+                "val_outputs": {"probs": probs, "targets": targets, "masks": masks},
+            }
+    val = select_weights(scored) if rank == 0 else {"per_class_ap": None}
+    loss_sum, seen, _ = (
+        gather_to_all(np.array([stats["loss_sum"], stats["seen"], stats["steps"]]))[0].reshape(-1, 3).sum(0)
+    )
+    sampled = gather_to_all(stats["positives"][None])[0].sum(0) / max(seen, 1)  # effective class frequencies
+    metrics = {
+        "epoch": epoch + 1,  # as people count: the console, MLflow's step and best_epoch agree
+        "train_loss": loss_sum / max(seen, 1),
+        "lr": parts.scheduler.get_last_lr()[0],
+        "images_per_s": seen / max(stats["time"], 1e-9),
+        "epoch_time_s": time.perf_counter() - t_epoch,  # training + validation
+        "data_wait_frac": stats["data_wait"] / max(stats["time"], 1e-9),  # rank 0's share of time starved of data
+        "data_wait_first_s": stats["first_wait"],  # of which for the first batch: the pipeline's start-up
+    }
+    if device.type == "cuda":  # what the chip held at most (rank 0), for sizing batches and images
+        metrics["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    per_class_ap, val_outputs = val.pop("per_class_ap"), val.pop("val_outputs", None)
+    metrics.update(val)
+    rates = group_means(sampled, job.manifest.group_list(), empty=None)  # groups with classes only
+    metrics.update({f"sampled_pos_rate_{g}": v for g, v in rates.items() if v is not None})
+    save_checkpoint(parts, job, epoch, metrics, per_class_ap, rank, val_outputs)
+    if rank == 0:
+        if job.run:  # logged after the checkpoint is safe: a restart never logs an epoch twice
+            job.run.log_epoch(metrics, epoch + 1)
+            job.run.log_metrics(per_class_metrics("sampled_freq", job.manifest.label_names, sampled), epoch + 1)
+        print(epoch_line(metrics, cfg.train.epochs), flush=True)
