@@ -118,6 +118,17 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     for epoch in range(1, 5):  # worker lines are not doubled by Train's print patch (some may be dropped)
         assert out.count(f"[train] epoch {epoch}/4 loss") <= 1, out[-4000:]
 
+    # The first epoch's decode tasks ran in the processes the driver prestarted (torch imported
+    # while Ray Train started its workers): Ray pools them by job and runtime environment.
+    from ray.util.state import list_tasks
+
+    def tasks(name):
+        return list_tasks(filters=[("name", "=", name)], detail=True, limit=10_000, raise_on_missing_output=False)
+
+    prestarted = {(t.job_id, t.worker_pid) for t in tasks("import_decode_modules")}
+    decoded = {(t.job_id, t.worker_pid) for t in tasks("MapBatches(read_row_group)->MapBatches(decode_batch)")}
+    assert prestarted & decoded, (prestarted, decoded)
+
     c = mlflow.MlflowClient(uri)
     from components.tracking import TrackedRun
 

@@ -5,6 +5,7 @@ post-fit path (best checkpoint -> summary metrics, per-class artifacts, logged m
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -119,9 +120,7 @@ def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None
         # driver as raw redraw lines and count no rows for a split. The epoch lines report
         # progress, throughput and data wait instead.
         ds.context.enable_progress_bars = False
-    # Train V2 patches print() in workers to both log and tee it, so every worker line reached the
-    # driver twice. Plain print keeps one copy; Ray forwards this variable to the workers.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    plain_print_in_workers()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -207,6 +206,47 @@ def make_job(
         plan=plan,
         init=init,
     )
+
+
+def plain_print_in_workers() -> None:
+    """Train V2 patches print() in workers to both log and tee it, so every worker line reached the
+    driver twice. Plain print keeps one copy; Ray forwards this variable to the workers."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def data_task_runtime_env() -> dict | None:
+    """The runtime environment Ray Data's tasks for a ``TorchTrainer`` run with: Ray Train starts
+    its controller with ``{"env_vars": ...}`` (the driver's variables it propagates, and one of its
+    own), and the dataset coordinators and their tasks inherit it. None when this Ray does not say
+    (its internals moved): nothing is prestarted then."""
+    try:
+        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as key
+        from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as value
+        from ray.train.v2._internal.constants import get_env_vars_to_propagate
+    except ImportError:
+        return None
+    plain_print_in_workers()  # one of the variables it propagates, set before the trainer is built
+    env = get_env_vars_to_propagate()
+    env.setdefault(key, value)  # as DataParallelTrainer._initialize_and_run_controller sets it
+    return {"env_vars": env}
+
+
+def prestart_data_workers(cfg: Config, manifest: Manifest) -> None:
+    """Prestart the processes the first epoch's decode tasks will run in (``prestart_decode_workers``):
+    as many as decode tasks can run at once beside the workers, at most one per training row group.
+    Local mode (no workers) trains in the driver, whose tasks need no prestart to matter."""
+    import ray
+
+    from ..data.ingest import prestart_decode_workers
+
+    t, d = cfg.train, cfg.data
+    env = data_task_runtime_env()
+    if t.num_workers == 0 or env is None:
+        return
+    free = ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker
+    per_group = int(manifest.options.get("row_group_size") or 256)  # what prepare wrote (256 by default)
+    groups = sum(math.ceil(s.num_rows / per_group) for s in manifest.shards if s.split == "train")
+    prestart_decode_workers(max(min(int(free / d.map_cpus), groups), 0), d.map_cpus, env)
 
 
 def sampling_plan(cfg: Config, manifest: Manifest, log=print):
@@ -455,4 +495,6 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     init = load_init_weights(cfg, manifest, log)
     run = open_run(cfg, manifest, log, extra_tags=init.tags(cfg.train.head_only) if init else None)
     run.hold()  # a second `train` of this run name is refused while this one lives
-    return fit_and_log(make_job(cfg, manifest, run, init=init, log=log), log)
+    job = make_job(cfg, manifest, run, init=init, log=log)
+    prestart_data_workers(cfg, manifest)
+    return fit_and_log(job, log)
