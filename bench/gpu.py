@@ -99,6 +99,15 @@ def _decode_part(args) -> int:
     return len(blobs)
 
 
+def _one_thread() -> None:
+    """As a Ray Data decode task runs: Ray sets OMP_NUM_THREADS to the task's CPUs (at least 1).
+    Left at torch's default (a thread per core in every process), N processes oversubscribe the
+    CPUs N times over, and throughput collapses."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _ready(blob: bytes) -> None:
     """Pool warm-up: one decode (torch and torchvision imported), held long enough that every
     process takes one."""
@@ -108,29 +117,36 @@ def _ready(blob: bytes) -> None:
 
 def decode_speed(size: int, n: int, device, processes: int = 1) -> float:
     """Images/s of ``decode_images`` (JPEG -> uint8 at ``size``): on ``device`` in this process, or
-    on the CPU in ``processes`` processes at once (as Ray Data's decode tasks run)."""
+    on the CPU in ``processes`` processes at once (as Ray Data's decode tasks run). On the CPU each
+    process decodes with one thread, as a Ray Data task does."""
+    import torch
+
     blobs = jpeg_blobs(size, n)
     if processes > 1:
         import multiprocessing
 
         # spawned: a child forked from a process whose torch threads run hangs in its first torch call
-        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        with multiprocessing.get_context("spawn").Pool(processes, initializer=_one_thread) as pool:
             pool.map(_ready, blobs[:processes], chunksize=1)
             t0 = time.perf_counter()
             done = sum(pool.map(_decode_part, [(blobs[i::processes], size) for i in range(processes)], chunksize=1))
         return done / (time.perf_counter() - t0)
     from components.data.ingest import decode_images
 
-    decode_images(blobs[:8], size, None, device)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, n, 64):
-        out = decode_images(blobs[i : i + 64], size, None, device)
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-    del out
-    return n / (time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        decode_images(blobs[:8], size, None, device)  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, n, 64):
+            out = decode_images(blobs[i : i + 64], size, None, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        del out
+        return n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def streamed(data: Path, model_name: str, size: int, batch: int, epochs: int, flags: dict, work: Path) -> dict:
@@ -193,7 +209,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--num-images", type=int, default=4000)
-    p.add_argument("--prefetch", type=int, nargs="+", default=[1, 4], help="--prefetch-batches values to stream with")
+    p.add_argument("--prefetch", type=int, nargs="+",
+                   help="--prefetch-batches values to stream with (default: 1 and 4; with --goals, 1)")  # fmt: skip
     p.add_argument("--gpu-decode-cpus", type=int, default=4, help="CPUs of the Ray instance for --decode-on gpu")
     p.add_argument(
         "--goals", action="store_true", help="only what issue 11's goals need: resnet50 at 224 and 512 px, no compile"
@@ -205,6 +222,8 @@ def main() -> None:
     say = Report(a.out)
     if a.goals:  # as issue 11 measured: 6,000 images; GPU decode where its goal is (the largest size)
         a.models, a.num_images = ["resnet50"], max(a.num_images, 6000)
+    # --goals fits one device call: prefetch 4 was measured level with 1 (H200, 224 px: 2,378 vs 2,411 img/s)
+    a.prefetch = a.prefetch or ([1] if a.goals else [1, 4])
     if not cuda:
         a.models, a.sizes, a.batch, a.steps, a.epochs, a.num_images = ["resnet10t"], [64], 16, 3, 2, 300
         a.gpu_decode_cpus = min(a.gpu_decode_cpus, os.cpu_count() or 1)
@@ -228,11 +247,13 @@ def main() -> None:
                     say(f"| {model} | {size} | {cl} | {comp} | {ips:.0f} |")
 
     cpus = os.cpu_count() or 1
+    say("\nCPU decode runs one thread per process, as a Ray Data task does.")
     say(f"\n| px | CPU decode, 1 process img/s | CPU decode, {cpus} processes img/s | device decode img/s |")
     say("|---:|---:|---:|---:|")
     decode = {}
     for size in a.sizes:
-        one, pool = decode_speed(size, 256, torch.device("cpu")), decode_speed(size, 256 * cpus, None, cpus)
+        cpu = torch.device("cpu")
+        one, pool = decode_speed(size, 256, cpu), decode_speed(size, 256 * cpus, cpu, cpus)
         on_device = decode_speed(size, 2048, device) if cuda else None
         decode[size] = (pool, on_device)
         shown = f"{on_device:.0f}" if on_device else "not measured (no GPU)"
