@@ -232,22 +232,18 @@ def check_actors_fit(actors: int, on_gpus: bool, log=print) -> None:
     """The model's actors (a CPU each, or a GPU each) and one decode task must fit: actors holding
     every CPU leave none for reading images, and the job waits forever. ralflow's embedded Ray (a
     fixed size) refuses such a job at start; on a cluster, which may autoscale, say what it waits for."""
-    import ray
+    from .runtime import describe, refuse_or_wait
 
-    from .runtime import describe, embedded_ray, missing
-
-    need = {"CPU": (0 if on_gpus else actors) + DECODE_CPUS, **({"GPU": actors} if on_gpus else {})}
-    short = missing(need, ray.cluster_resources())
-    if not short:
-        return
-    if embedded_ray():
-        raise UserError(
+    def refusal(short):
+        return UserError(
             f"actors={actors}: {actors} model actor(s) x 1 {'GPU' if on_gpus else 'CPU'} each, and {DECODE_CPUS:g} CPU "
             f"to read images, need {describe(short)} on this machine; lower --actors",
             field="actors",
         )
-    log(f"predict: waiting for resources: {actors} model actor(s) and a decode task need {describe(short)}; an "
-        "autoscaling cluster adds nodes")  # fmt: skip
+
+    need = {"CPU": (0 if on_gpus else actors) + DECODE_CPUS, **({"GPU": actors} if on_gpus else {})}
+    refuse_or_wait(need, refusal, lambda short: f"predict: waiting for resources: {actors} model actor(s) and a "
+                   f"decode task need {short}; an autoscaling cluster adds nodes", log)  # fmt: skip
 
 
 def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict:

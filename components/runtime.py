@@ -91,6 +91,21 @@ def describe(short: dict) -> str:
     return ", ".join(f"{need:g} {k} (the cluster has {got:g})" for k, (need, got) in short.items())
 
 
+def refuse_or_wait(need: dict, refusal, waiting, log=print) -> None:
+    """What a job ``need``s beyond the cluster's totals (``short = missing(need, totals)``): on
+    ralflow's embedded Ray (a fixed size: nothing will be added, so the job would wait forever)
+    raise ``refusal(short)``, a UserError; on a cluster, which may autoscale, log
+    ``waiting(describe(short))`` and go on."""
+    import ray
+
+    short = missing(need, ray.cluster_resources())
+    if not short:
+        return
+    if embedded_ray():
+        raise refusal(short)
+    log(waiting(describe(short)))
+
+
 def embedded_ray() -> bool:
     """True when this process runs ralflow's embedded local Ray (so its settings for Ray Data,
     which Tune trials do not inherit, are passed on to them)."""

@@ -111,24 +111,20 @@ def port_in_use(host: str, port: int) -> UserError:
 def check_replicas_fit(opts: ServeOptions, use_gpu: bool, log=print) -> None:
     """Replicas that cannot fit ralflow's embedded Ray (a fixed size) are refused before Serve
     waits for them forever; on a cluster, which may autoscale, say what they wait for."""
-    import ray
+    from .runtime import describe, refuse_or_wait
 
-    from .runtime import describe, embedded_ray, missing
-
-    need = {"CPU": opts.replicas * opts.cpus_per_replica, **({"GPU": opts.replicas} if use_gpu else {})}
-    short = missing(need, ray.cluster_resources())
-    if not short:
-        return
-    if embedded_ray():
+    def refusal(short):
         each = f"{opts.cpus_per_replica:g} CPU{' + 1 GPU' if use_gpu else ''} each"
-        raise UserError(
+        return UserError(
             f"replicas={opts.replicas}: {opts.replicas} replica(s) x {each} need {describe(short)} on this machine; "
             f"lower --replicas or --cpus-per-replica{', use --no-gpu' if 'GPU' in short else ''}, or serve on a "
             "cluster (--address)",
             field="replicas",
         )
-    log(f"serve: waiting for resources: {opts.replicas} replica(s) need {describe(short)}; an autoscaling cluster "
-        "adds nodes")  # fmt: skip
+
+    need = {"CPU": opts.replicas * opts.cpus_per_replica, **({"GPU": opts.replicas} if use_gpu else {})}
+    refuse_or_wait(need, refusal, lambda short: f"serve: waiting for resources: {opts.replicas} replica(s) need "
+                   f"{short}; an autoscaling cluster adds nodes", log)  # fmt: skip
 
 
 def check_serve_port(port: int) -> None:

@@ -39,27 +39,23 @@ def shortfall(cfg: Config, have: dict) -> dict:
 def check_resources(cfg: Config, log=print) -> None:
     """On ralflow's embedded Ray (a fixed size: nothing will be added) a run that cannot fit is
     refused before it starts; on a cluster, which may autoscale, say what the run waits for."""
-    import ray
+    from ..runtime import refuse_or_wait
 
-    from ..runtime import embedded_ray
-
-    short = shortfall(cfg, ray.cluster_resources())
-    if not short:
-        return
     t = cfg.train
-    if embedded_ray():
-        field = "train.use_gpu" if "GPU" in short else "train.cpus_per_worker"
-        raise UserError(
+
+    def refusal(short):
+        return UserError(
             f"train.num_workers {t.num_workers} x train.cpus_per_worker {t.cpus_per_worker:g} + data.map_cpus "
             f"{cfg.data.map_cpus:g} for Ray Data needs {describe(short)} on this machine; lower them "
             "(Ray Data's decode tasks need a CPU the workers do not hold)",
-            field=field,
+            field="train.use_gpu" if "GPU" in short else "train.cpus_per_worker",
         )
-    log(
-        f"[train] waiting for resources: the run needs {describe(short)}. An autoscaling cluster adds nodes; on a "
+
+    refuse_or_wait(resources_needed(cfg), refusal, lambda short: (
+        f"[train] waiting for resources: the run needs {short}. An autoscaling cluster adds nodes; on a "
         f"fixed-size one, lower the workers or their CPUs (starting is retried {t.max_failures}x, "
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S each)"
-    )
+    ), log)  # fmt: skip
 
 
 def check_room_for_data(cfg: Config, have: dict | None = None) -> None:
