@@ -4,10 +4,14 @@
    augmentation in Ray Data tasks) vs a plain single-process PyTorch loop with the same model,
    batch size and thread count, fed (a) by the same Ray Data stream, timed per epoch like the
    worker, and (b) from batches decoded in memory beforehand. Goal: >= 0.95x.
-2. Quality: macro / head / medium / tail validation mAP of bce, asl and ral with default
+2. Warm ingest: the first epoch's wait for data (for its first batch, and in all) of a fresh
+   `ralflow train` with the decode processes prestarted (the default) and without
+   (`--no-prestart-workers`), alternated over --rounds rounds.
+3. Quality: macro / head / medium / tail validation mAP of bce, asl and ral with default
    parameters and the same budget on a synthetic CXR-LT stand-in.
 
     python bench/train.py [--num-images 6000] [--image-size 64] [--model resnet10t] [--epochs 6]
+    python bench/train.py --num-images 3000 --skip-quality --skip-throughput    # warm ingest only
 """
 
 from __future__ import annotations
@@ -76,6 +80,31 @@ def train_cli(args, *extra):
     return out.stdout + out.stderr
 
 
+def warm_ingest(args, common) -> None:
+    """First-epoch data wait of fresh one-epoch runs (one 1-CPU worker), prestarted or not, the
+    two variants alternated so that drift of a shared machine hits both alike."""
+    import mlflow
+
+    waits = {True: [], False: []}
+    for r in range(args.rounds):
+        for prestart in (False, True):
+            name = f"warm-{r}-{'on' if prestart else 'off'}"
+            flag = "--prestart-workers" if prestart else "--no-prestart-workers"
+            train_cli(args, *common, "--loss", "ral", "--epochs", "1", "--num-workers", "1", "--cpus-per-worker",
+                      "1", flag, "--run-name", name)  # fmt: skip
+            client = mlflow.MlflowClient(f"sqlite:///{args.work}/mlflow.db")
+            experiment = client.get_experiment_by_name("ralflow").experiment_id
+            (run,) = client.search_runs([experiment], filter_string=f"attributes.run_name = '{name}'")
+            m = run.data.metrics
+            waits[prestart].append((m["data_wait_first_s"], m["data_wait_frac"] * m["epoch_time_s"], m["epoch_time_s"]))
+    print(f"\nwarm ingest: first epoch of a fresh run, one 1-CPU worker, {args.rounds} rounds")
+    print("| decode processes | waited for the first batch, s | waited in all, s | epoch s |")
+    print("|---|---:|---:|---:|")
+    for prestart, what in ((False, "started by Ray Data (`--no-prestart-workers`)"), (True, "prestarted (default)")):
+        cols = zip(*waits[prestart])
+        print(f"| {what} | " + " | ".join(", ".join(f"{v:.1f}" for v in col) for col in cols) + " |", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-images", type=int, default=6000)
@@ -87,6 +116,8 @@ def main() -> int:
     ap.add_argument("--losses", default="bce,asl,ral")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-warm", action="store_true", help="skip the warm-ingest comparison")
+    ap.add_argument("--rounds", type=int, default=2, help="warm ingest: rounds of the two variants")
     args = ap.parse_args()
     args.work = Path(tempfile.mkdtemp(prefix="ralflow-bench-train-"))
 
@@ -170,6 +201,8 @@ def main() -> int:
             )
         print(f"| Ray Train, one worker (TorchTrainer, get_dataset_shard) | {ray_ips:.0f} | 1.00 |", flush=True)
 
+    if not args.skip_warm:
+        warm_ingest(args, common)
     if args.skip_quality:
         return 0
     rows = []

@@ -85,6 +85,11 @@ class DataConfig:
         help="batches each worker makes ready ahead: Ray Data's prefetch, and in a thread the copy to the "
         "device (or the GPU decode) of the next batches while the model trains",
     )
+    prestart_workers: bool = setting(
+        True,
+        help="start the first epoch's decode processes (torch imported) while Ray Train starts its workers; "
+        "off: Ray Data starts them when the first epoch asks for data",
+    )
     shuffle_buffer: int = setting(
         0,
         help="training rows each worker mixes across row groups before batching (Ray Data's local shuffle "
@@ -200,7 +205,8 @@ class Config:
         d.pop("tracking")
         for how_not_what in ("fail_at_epoch", "stall_warn_s"):  # how a run is watched, not what it trains
             d["train"].pop(how_not_what)
-        d["data"].pop("prefetch_batches")  # how fast the data comes, not which
+        for how_fast in ("prefetch_batches", "prestart_workers"):  # how fast the data comes, not which
+            d["data"].pop(how_fast)
         d["dataset_sha256"] = dataset_sha256
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 

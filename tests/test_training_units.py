@@ -64,6 +64,8 @@ def test_run_name_changes_with_what_defines_the_run(tmp_path):
     name = lambda cfg, sha="a" * 64: cfg.default_run_name(sha)  # noqa: E731
     assert name(a) != name(b) and name(a) == name(c)  # the config, not where it is tracked
     assert name(a) != name(a, "b" * 64)  # a dataset rebuilt in the same folder is another run
+    faster = load_config(None, {"loss": {"name": "ral"}, "data": {"prefetch_batches": 4, "prestart_workers": False}})
+    assert name(faster) == name(a)  # how fast the data comes is not what the run trains
 
 
 @pytest.mark.parametrize(

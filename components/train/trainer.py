@@ -240,8 +240,7 @@ def prestart_data_workers(cfg: Config, manifest: Manifest) -> None:
     from ..data.ingest import prestart_decode_workers
 
     t, d = cfg.train, cfg.data
-    env = data_task_runtime_env()
-    if t.num_workers == 0 or env is None:
+    if t.num_workers == 0 or not d.prestart_workers or (env := data_task_runtime_env()) is None:
         return
     free = ray.cluster_resources().get("CPU", 0) - t.num_workers * t.cpus_per_worker
     per_group = int(manifest.options.get("row_group_size") or 256)  # what prepare wrote (256 by default)
