@@ -37,8 +37,9 @@ def ceiling(model_name: str, size: int, batch: int, steps: int, channels_last: b
     from components.config import load_config
     from components.losses import build_loss
     from components.models.inputs import normalize
-    from components.train.build import build_model_for
+    from components.train.build import build_model_for, tune_cuda_kernels
 
+    tune_cuda_kernels(device)  # as the training worker does
     # the model `ralflow train --model NAME` builds (its default head included), as the streamed runs
     model = build_model_for(load_config(None, {"model": {"name": model_name}}), 26).to(device)
     if channels_last:
@@ -185,12 +186,17 @@ def restart_ray(num_cpus: int | None) -> None:
 
 class Report:
     """Printed as it goes, and appended to ``out`` line by line: a run cut short by a time limit
-    still leaves what it measured."""
+    still leaves what it measured. ``step`` prints (not to ``out``) the seconds since the start, so
+    a log cut short says where the time went."""
 
     def __init__(self, out: str | None = None) -> None:
         self.out = Path(out) if out else None
+        self.t0 = time.perf_counter()
         if self.out:
             self.out.write_text("")
+
+    def step(self, what: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:.0f} s] {what}", flush=True)
 
     def __call__(self, line: str = "") -> None:
         print(line, flush=True)
@@ -242,6 +248,7 @@ def main() -> None:
         for size in a.sizes:
             for cl in (False, True):
                 for comp in compiles:
+                    say.step(f"ceiling {model} {size} px channels-last {cl} compile {comp}")
                     ips = ceiling(model, size, a.batch, a.steps, cl, comp, device)
                     best[(model, size, cl, comp)] = ips
                     say(f"| {model} | {size} | {cl} | {comp} | {ips:.0f} |")
@@ -252,6 +259,7 @@ def main() -> None:
     say("|---:|---:|---:|---:|")
     decode = {}
     for size in a.sizes:
+        say.step(f"decode {size} px")
         cpu = torch.device("cpu")
         one, pool = decode_speed(size, 256, cpu), decode_speed(size, 256 * cpus, cpu, cpus)
         on_device = decode_speed(size, 2048, device) if cuda else None
@@ -265,6 +273,7 @@ def main() -> None:
         datasets = {}
         for size in a.sizes:
             src, data = work / f"src{size}", work / f"data{size}"
+            say.step(f"synthetic data, {a.num_images} images for {size} px")
             write_synthetic_cxr_lt(src, SynthOptions(num_images=a.num_images, image_size=size + size // 8, seed=0),
                                    progress=None)  # fmt: skip
             prepare_dataset(PrepareOptions("cxr-lt-2023", str(src), image_size=size + size // 8), data,
@@ -280,6 +289,7 @@ def main() -> None:
             for size in a.sizes if decode_on == "cpu" or not a.goals else [max(a.sizes)]:
                 for model in a.models:
                     for prefetch in a.prefetch:
+                        say.step(f"streamed {model} {size} px decode on {decode_on} prefetch {prefetch}")
                         restart_ray(ray_cpus)  # every run starts cold, as a submitted job does
                         flags = {"gpu": cuda, "data": {"decode_on": decode_on, "prefetch_batches": prefetch},
                                  "train": {"channels_last": True, **({"amp": "bf16"} if cuda else {})}}  # fmt: skip

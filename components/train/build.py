@@ -151,6 +151,7 @@ def build_parts(
     from .stages import apply_init
 
     t = cfg.train
+    tune_cuda_kernels(device)
     model = build_model_for(cfg, len(manifest.label_names))
     apply_init(model, init, t.head_only, len(manifest.label_names))
     if t.grad_checkpointing:
@@ -188,6 +189,15 @@ def build_parts(
         model, loss, optimizer, scheduler, scaler, autocast, ema, channels_last, t.accumulate_steps, t.head_only,
         len(manifest.label_names),
     )  # fmt: skip
+
+
+def tune_cuda_kernels(device) -> None:
+    """On CUDA, cuDNN times its convolution algorithms once per input shape and keeps the fastest
+    (training's input size is fixed), as timm's train.py has it. Elsewhere nothing changes."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.backends.cudnn.benchmark = True
 
 
 def use_channels_last(setting: bool | None, device) -> bool:
