@@ -4,6 +4,7 @@ post-fit path (best checkpoint -> summary metrics, per-class artifacts, logged m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -303,6 +304,24 @@ def fit_interruptibly(trainer):
     return outcome["result"]
 
 
+@contextlib.contextmanager
+def run_ends_if_this_fails(run: TrackedRun, log=print, stopping=None):
+    """A failure in the block ends ``run`` FAILED, or KILLED when interrupted or terminated, with
+    the reason, and is raised on. ``stopping``: whether a failure is only the caller stopping the
+    run on purpose (Tune stopping a trial); the run is then left for the caller to close."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        run.finish("KILLED", str(exc) or "interrupted")
+        raise
+    except BaseException as exc:
+        if stopping is not None and stopping():
+            log(f"[train] stopped on purpose ({first_line(exc)}); the run is left for the caller to close")
+        else:
+            run.finish("FAILED", f"training failed: {first_line(exc)}")
+        raise
+
+
 def fit_and_log(job: TrainJob, log=print, stopping=None, **trainer_options) -> dict:
     """Build the trainer and fit, then the one post-fit path: the best checkpoint's model and
     metrics are logged and the run ends FINISHED. Any failure on the way ends it FAILED (KILLED
@@ -311,7 +330,7 @@ def fit_and_log(job: TrainJob, log=print, stopping=None, **trainer_options) -> d
     caller to close."""
     from .checkpoints import best_checkpoint_state, prune_unregistered_checkpoints, set_aside_stale_ray_snapshot
 
-    try:
+    with run_ends_if_this_fails(job.run, log, stopping):
         while True:
             if note := set_aside_stale_ray_snapshot(job.storage_dir):
                 log(note)
@@ -325,15 +344,6 @@ def fit_and_log(job: TrainJob, log=print, stopping=None, **trainer_options) -> d
                 if smaller is None:
                     raise
                 job = smaller
-    except KeyboardInterrupt as exc:
-        job.run.finish("KILLED", str(exc) or "interrupted")
-        raise
-    except BaseException as exc:
-        if stopping is not None and stopping():
-            log(f"[train] stopped on purpose ({first_line(exc)}); the run is left for the caller to close")
-        else:
-            job.run.finish("FAILED", f"training failed: {first_line(exc)}")
-        raise
     state = best_checkpoint_state(result, job.storage_dir, job.run.run_id)
     prune_unregistered_checkpoints(result)
     return log_best(job, state, log)
@@ -493,7 +503,8 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
         check_shared_path(str(sqlite_dir), "the SQLite tracking store in", field="tracking.tracking_uri")
     init = load_init_weights(cfg, manifest, log)
     run = open_run(cfg, manifest, log, extra_tags=init.tags(cfg.train.head_only) if init else None)
-    run.hold()  # a second `train` of this run name is refused while this one lives
-    job = make_job(cfg, manifest, run, init=init, log=log)
-    prestart_data_workers(cfg, manifest)
+    with run_ends_if_this_fails(run, log):  # from here on, Ctrl-C or a failure ends the run saying why
+        run.hold()  # a second `train` of this run name is refused while this one lives
+        job = make_job(cfg, manifest, run, init=init, log=log)
+        prestart_data_workers(cfg, manifest)
     return fit_and_log(job, log)
