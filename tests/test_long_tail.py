@@ -124,7 +124,8 @@ def test_each_head_trains_above_the_prevalence_baseline(head, tiny_dataset):
     vx, vy, vm = prepared_arrays(tiny_dataset, "val")
     val = [{"image": vx[i : i + 64].numpy(), "labels": vy[i : i + 64].numpy(), "mask": vm[i : i + 64].numpy()}
            for i in range(0, len(vx), 64)]  # fmt: skip
-    probs, targets, masks, *_ = evaluate(parts.model, val, torch.device("cpu"), None)
+    scored, targets, masks, *_ = evaluate({"raw": parts.model}, val, torch.device("cpu"), None)
+    probs = scored["raw"]
     mAP = validation_metrics(probs, targets, masks, manifest.group_list())["val_mAP"]
     present = targets.sum(0) > 0
     baseline = float(targets[:, present].mean(0).mean())  # a constant's AP is the prevalence

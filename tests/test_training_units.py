@@ -318,6 +318,35 @@ def test_an_epoch_reports_its_loss_and_how_long_it_waited_for_its_first_batch():
     assert math.isfinite(stats["loss_sum"]) and stats["loss_sum"] > 0  # summed on the device, read once
 
 
+def test_raw_and_ema_weights_are_scored_in_one_pass_over_the_validation_split():
+    import torch
+
+    from components.train.loop import evaluate
+
+    from .test_compute import batches
+
+    torch.manual_seed(0)
+    models = {"raw": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 3)),
+              "ema": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 3))}  # fmt: skip
+    val = batches(k=3)
+    reads = []
+
+    def once():  # a stream that can be read only once, as a Ray Data epoch
+        for b in val:
+            reads.append(1)
+            yield {**b, "study_id": np.array(["s"] * len(b["labels"]))}
+
+    probs, targets, masks, studies, views = evaluate(models, once(), torch.device("cpu"), None)
+    assert len(reads) == 3 and targets.shape == (24, 3) and list(studies) == ["s"] * 24
+    for name, model in models.items():  # each model's scores as if it had the pass to itself
+        alone, *_ = evaluate({name: model}, iter(val), torch.device("cpu"), None)
+        assert probs[name].shape == (24, 3) and np.array_equal(probs[name], alone[name])
+    assert not np.array_equal(probs["raw"], probs["ema"])
+    assert all(m.training for m in models.values())  # back in training mode afterwards
+    empty, *rest = evaluate(models, iter(()), torch.device("cpu"), None)
+    assert set(empty) == {"raw", "ema"} and all(a.size == 0 for a in rest)
+
+
 def test_the_next_epochs_data_starts_before_this_epoch_is_validated(monkeypatch):
     from components.train import loop
 

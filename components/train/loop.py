@@ -173,33 +173,39 @@ def optimiser_step(parts: TrainingParts) -> int:
     return 1
 
 
-def evaluate(model, batches, device, autocast_dtype, channels_last: bool = False):
-    """Probabilities, targets, masks and each image's study and view over an iterable of batches
-    (numpy batches from ``iter_batches``: the study and view are strings)."""
+def evaluate(models: dict, batches, device, autocast_dtype, channels_last: bool = False):
+    """One pass over an iterable of batches (numpy batches from ``iter_batches``: the study and view
+    are strings), scored by every model in ``models`` (name -> module; the raw and the EMA weights
+    share the pass, so the split is read and decoded once): ``({name: probabilities}, targets,
+    masks, studies, views)``."""
     import torch
 
     from ..models.inputs import normalize
 
-    model.eval()
-    probs, targets, masks, studies, views = [], [], [], [], []
+    for model in models.values():
+        model.eval()
+    probs, targets, masks, studies, views = {name: [] for name in models}, [], [], [], []
     with torch.inference_mode():
         for batch in batches:
             x = normalize(torch.as_tensor(batch["image"]).to(device, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, autocast_dtype):
-                logits = model(x)
-            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+            for name, model in models.items():
+                with autocast(device, autocast_dtype):
+                    logits = model(x)
+                probs[name].append(torch.sigmoid(logits.float()).cpu().numpy())
             targets.append(np.asarray(batch["labels"]))
             masks.append(np.asarray(batch["mask"]))
-            n = len(probs[-1])
+            n = len(targets[-1])
             studies.append(np.asarray(batch.get("study_id", np.arange(n).astype(str))).astype(str))
             views.append(np.asarray(batch.get("view", [""] * n)).astype(str))
-    model.train()
-    if not probs:
+    for model in models.values():
+        model.train()
+    if not targets:
         empty = np.zeros((0, 0), np.float32)
-        return empty, empty, empty, np.zeros(0, str), np.zeros(0, str)
-    return tuple(np.concatenate(a) for a in (probs, targets, masks, studies, views))
+        return {name: empty for name in models}, empty, empty, np.zeros(0, str), np.zeros(0, str)
+    shared = (np.concatenate(a) for a in (targets, masks, studies, views))
+    return {name: np.concatenate(p) for name, p in probs.items()}, *shared
 
 
 def select_weights(scored: dict) -> dict:
@@ -456,16 +462,15 @@ def validate_and_report(job: TrainJob, parts, epoch: int, stats: dict, t_epoch: 
     candidates = {"raw": unwrap(parts.model)} | ({"ema": parts.ema.module} if parts.ema is not None else {})
     for module in candidates.values():  # every share scored with the weights rank 0 saves
         sync_buffers_from_rank0(module)
+    batches = val_shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                     prefetch_batches=cfg.data.prefetch_batches)  # fmt: skip
+    if cfg.data.decode_on == "gpu":
+        batches = Prefetcher(device_batches(batches, device, size, labels_on_device=False),
+                             cfg.data.prefetch_batches, device)  # fmt: skip
+    mine, *shared = evaluate(candidates, batches, device, parts.autocast_dtype, parts.channels_last)
+    *gathered, targets, masks, studies, views = gather_to_all(*mine.values(), *shared)
     scored = {}
-    for name, module in candidates.items():
-        batches = val_shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", prefetch_batches=cfg.data.prefetch_batches
-        )
-        if cfg.data.decode_on == "gpu":
-            batches = Prefetcher(device_batches(batches, device, size, labels_on_device=False),
-                                 cfg.data.prefetch_batches, device)  # fmt: skip
-        mine = evaluate(module, batches, device, parts.autocast_dtype, parts.channels_last)
-        probs, targets, masks, studies, views = gather_to_all(*mine)
+    for name, probs in zip(mine, gathered):
         if rank == 0:
             scored[name] = {
                 "val_images": int(len(probs)),
