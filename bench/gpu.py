@@ -94,10 +94,11 @@ def jpeg_blobs(size: int, n: int) -> list[bytes]:
 def _decode_part(args) -> int:
     from components.data.ingest import decode_images
 
-    blobs, size = args
-    for i in range(0, len(blobs), 64):
-        decode_images(blobs[i : i + 64], size, None)
-    return len(blobs)
+    blobs, size, repeats = args
+    for _ in range(repeats):  # each process busy long enough that the pool's own overhead is small
+        for i in range(0, len(blobs), 64):
+            decode_images(blobs[i : i + 64], size, None)
+    return len(blobs) * repeats
 
 
 def _one_thread() -> None:
@@ -112,7 +113,7 @@ def _one_thread() -> None:
 def _ready(blob: bytes) -> None:
     """Pool warm-up: one decode (torch and torchvision imported), held long enough that every
     process takes one."""
-    _decode_part(([blob], 16))
+    _decode_part(([blob], 16, 1))
     time.sleep(1.0)
 
 
@@ -130,7 +131,8 @@ def decode_speed(size: int, n: int, device, processes: int = 1) -> float:
         with multiprocessing.get_context("spawn").Pool(processes, initializer=_one_thread) as pool:
             pool.map(_ready, blobs[:processes], chunksize=1)
             t0 = time.perf_counter()
-            done = sum(pool.map(_decode_part, [(blobs[i::processes], size) for i in range(processes)], chunksize=1))
+            parts = [(blobs[i::processes], size, 4) for i in range(processes)]
+            done = sum(pool.map(_decode_part, parts, chunksize=1))
         return done / (time.perf_counter() - t0)
     from components.data.ingest import decode_images
 
@@ -167,9 +169,8 @@ def streamed(data: Path, model_name: str, size: int, batch: int, epochs: int, fl
     })  # fmt: skip
     out = run_training(cfg, log=lambda *a, **k: None)
     c = mlflow.MlflowClient(uri)
-    hist = {k: [m.value for m in sorted(c.get_metric_history(out["run_id"], k), key=lambda m: m.step)]
-            for k in ("images_per_s", "data_wait_frac", "epoch_time_s", "gpu_peak_mem_gb")}  # fmt: skip
-    return hist
+    keys = ("images_per_s", "data_wait_frac", "data_wait_first_s", "epoch_time_s", "gpu_peak_mem_gb")
+    return {k: [m.value for m in sorted(c.get_metric_history(out["run_id"], k), key=lambda m: m.step)] for k in keys}
 
 
 def restart_ray(num_cpus: int | None) -> None:
@@ -280,10 +281,11 @@ def main() -> None:
                             log=lambda *x: None)  # fmt: skip
             datasets[size] = data
         say(
-            "\n| model | px | decode on | Ray CPUs | prefetch | epoch 1 s | epoch 1 data wait | img/s (last epoch) "
+            "\n| model | px | decode on | Ray CPUs | prefetch | epoch 1 s | epoch 1 data wait | first batch, s "
+            "(epoch 1 / last) | img/s (last epoch) "
             "| data wait | × ceiling (channels-last) | peak GB |"
         )
-        say("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        say("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         # --decode-on cpu with every CPU, then gpu with the few CPUs a GPU gets on a shared node
         for decode_on, ray_cpus in (("cpu", None), ("gpu", a.gpu_decode_cpus)):
             for size in a.sizes if decode_on == "cpu" or not a.goals else [max(a.sizes)]:
@@ -301,7 +303,8 @@ def main() -> None:
                         first, last = (h["epoch_time_s"][0], h["data_wait_frac"][0]), h["data_wait_frac"][-1]
                         say(
                             f"| {model} | {size} | {decode_on} | {ray_cpus or cpus} | {prefetch} | {first[0]:.1f} "
-                            f"| {first[1]:.0%} | {h['images_per_s'][-1]:.0f} | {last:.0%} | {ratio:.2f} | {peak} |"
+                            f"| {first[1]:.0%} | {h['data_wait_first_s'][0]:.2f} / {h['data_wait_first_s'][-1]:.2f} "
+                            f"| {h['images_per_s'][-1]:.0f} | {last:.0%} | {ratio:.2f} | {peak} |"
                         )
     goals(say, a, best, decode, runs, cuda)
 
