@@ -66,10 +66,7 @@ class DecodeTransform:
     CACHE_BYTES = 5 << 20  # float working set of one warp (input, sampling grid, output)
 
     def __init__(self, image_size: int, augment: AugmentOptions | None, keep_ids: bool = False) -> None:
-        with deferred_interrupts():  # a worker's first call imports torch + torchvision
-            import torch  # noqa: F401
-            import torchvision.io  # noqa: F401
-
+        import_decode_modules()  # a worker's first call imports torch + torchvision (unless prestarted)
         self.image_size = image_size
         self.augment = augment
         self.keep_ids = keep_ids  # string ids cannot go through iter_torch_batches
