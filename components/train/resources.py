@@ -12,7 +12,7 @@ import math
 
 from ..config import Config
 from ..errors import UserError
-from ..runtime import describe, missing
+from ..runtime import describe, missing, refuse_or_wait
 
 # Below this a worker is not worth scheduling: fail with the reason instead.
 MIN_CPUS_PER_WORKER = 0.05
@@ -39,8 +39,6 @@ def shortfall(cfg: Config, have: dict) -> dict:
 def check_resources(cfg: Config, log=print) -> None:
     """On ralflow's embedded Ray (a fixed size: nothing will be added) a run that cannot fit is
     refused before it starts; on a cluster, which may autoscale, say what the run waits for."""
-    from ..runtime import refuse_or_wait
-
     t = cfg.train
 
     def refusal(short):
