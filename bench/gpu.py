@@ -20,10 +20,12 @@ itself, and says that GPU figures were not measured.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,15 +273,19 @@ def main() -> None:
     runs = []  # (model, size, decode_on, prefetch, cpus, history)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        # one source at the largest size, prepared (downscaled) for each: the synthesis is the slow part
+        src, top = work / "src", max(a.sizes)
+        say.step(f"synthetic data, {a.num_images} images at {top + top // 8} px")
+        write_synthetic_cxr_lt(src, SynthOptions(num_images=a.num_images, image_size=top + top // 8, seed=0),
+                               progress=None)  # fmt: skip
         datasets = {}
-        for size in a.sizes:
-            src, data = work / f"src{size}", work / f"data{size}"
-            say.step(f"synthetic data, {a.num_images} images for {size} px")
-            write_synthetic_cxr_lt(src, SynthOptions(num_images=a.num_images, image_size=size + size // 8, seed=0),
-                                   progress=None)  # fmt: skip
-            prepare_dataset(PrepareOptions("cxr-lt-2023", str(src), image_size=size + size // 8), data,
-                            log=lambda *x: None)  # fmt: skip
-            datasets[size] = data
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # shards in parallel: PIL releases the GIL
+            for size in a.sizes:
+                say.step(f"prepare {size} px")
+                datasets[size] = work / f"data{size}"
+                opts = PrepareOptions("cxr-lt-2023", str(src), image_size=size + size // 8)
+                prepare_dataset(opts, datasets[size], map_shards=lambda fn, shards: list(pool.map(fn, shards)),
+                                log=lambda *x: None)  # fmt: skip
         say(
             "\n| model | px | decode on | Ray CPUs | prefetch | epoch 1 s | epoch 1 data wait | first batch, s "
             "(epoch 1 / last) | img/s (last epoch) "
@@ -298,6 +304,7 @@ def main() -> None:
                         name = f"{model}-{size}-{decode_on}-p{prefetch}"
                         h = streamed(datasets[size], model, size, a.batch, a.epochs, flags, work / name)
                         runs.append((model, size, decode_on, prefetch, ray_cpus or cpus, h))
+                        print(f"history {name}: {json.dumps(h)}", flush=True)  # every epoch, in the log only
                         ratio = h["images_per_s"][-1] / best[(model, size, True, False)]
                         peak = f"{h['gpu_peak_mem_gb'][-1]:.1f}" if h["gpu_peak_mem_gb"] else "n/a"
                         first, last = (h["epoch_time_s"][0], h["data_wait_frac"][0]), h["data_wait_frac"][-1]
