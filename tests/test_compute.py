@@ -124,3 +124,45 @@ def test_a_last_batch_of_one_image_is_skipped_not_fatal():
     one = batches(1, n=1)
     out = train_epoch(parts_for(), batches(2) + one, CPU)  # batch norm cannot train on one image
     assert (out["steps"], out["seen"]) == (2, 16)
+
+
+def test_an_epochs_last_batch_smaller_than_the_rest_is_left_out_so_every_step_has_one_shape():
+    shapes = []
+    parts = parts_for()
+    parts.model.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
+    out = train_epoch(parts, batches(2) + batches(1, n=5), CPU)  # 8, 8, then a last batch of 5
+    assert (out["steps"], out["seen"]) == (2, 16)
+    assert len(shapes) == 2 and len(set(shapes)) == 1
+    out = train_epoch(parts_for(), batches(1, n=5), CPU)  # an epoch of one short batch still trains
+    assert (out["steps"], out["seen"]) == (1, 5)
+
+
+def test_the_host_runs_at_most_one_step_ahead_of_the_gpu():
+    """After queueing step k the host waits for step k-1's event, never for step k's own (that
+    would leave the device idle between steps); on the CPU nothing is waited for."""
+    import types
+
+    from components.train.loop import RunAhead
+
+    calls = []
+
+    class Event:
+        made = 0
+
+        def __init__(self):
+            Event.made += 1
+            self.n = Event.made
+
+        def record(self):
+            calls.append(("record", self.n))
+
+        def synchronize(self):
+            calls.append(("wait", self.n))
+
+    pace = RunAhead(types.SimpleNamespace(type="cuda"), new_event=Event)
+    for _ in range(3):
+        pace.queued()
+    assert calls == [("record", 1), ("record", 2), ("wait", 1), ("record", 3), ("wait", 2)]
+    cpu = RunAhead(CPU, new_event=Event)
+    cpu.queued()
+    assert Event.made == 3  # no event on the CPU

@@ -116,20 +116,6 @@ def test_loss_statistics_come_from_the_manifest():
     assert loss_params_for(cfg, manifest) == {"beta": 0.99, "class_counts": [40, 2]}
 
 
-def test_cudnn_picks_its_fastest_kernels_on_cuda_only(monkeypatch):
-    import types
-
-    import torch
-
-    from components.train.build import tune_cuda_kernels
-
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    tune_cuda_kernels(torch.device("cpu"))
-    assert torch.backends.cudnn.benchmark is False
-    tune_cuda_kernels(types.SimpleNamespace(type="cuda"))  # the decision only: no CUDA needed
-    assert torch.backends.cudnn.benchmark is True
-
-
 def test_amp_policy():
     import torch
 
