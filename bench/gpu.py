@@ -4,11 +4,13 @@
    channels-last off/on, torch.compile off/on;
 2. JPEG decode at each size: one CPU process, every CPU in parallel, batched nvJPEG on the GPU
    (``decode_images``);
-3. `ralflow train` streamed (Ray Data -> TorchTrainer) with the same model, size and flags, for
+3. each half alone: ralflow's training loop on batches already on the device, and Ray Data
+   ingest to the device with nothing training;
+4. `ralflow train` streamed (Ray Data -> TorchTrainer) with the same model, size and flags, for
    each ``--prefetch`` value: first-epoch time and data wait, img/s and data wait of the last
    epoch, peak GPU memory, and the ratio to the ceiling; ``--decode-on cpu`` with every CPU, then
    ``--decode-on gpu`` on a Ray instance of ``--gpu-decode-cpus`` CPUs;
-4. the issue's goals, each with its measured value and whether it is met.
+5. the issue's goals, each with its measured value and whether it is met.
 
     python bench/gpu.py [--models resnet50 densenet121 convnext_small] [--sizes 224 512] [--epochs 3]
     python bench/gpu.py --goals --out gpu.md     # resnet50 only, no compile: what the goals need
@@ -39,9 +41,8 @@ def ceiling(model_name: str, size: int, batch: int, steps: int, channels_last: b
     from components.config import load_config
     from components.losses import build_loss
     from components.models.inputs import normalize
-    from components.train.build import build_model_for, tune_cuda_kernels
+    from components.train.build import build_model_for
 
-    tune_cuda_kernels(device)  # as the training worker does
     # the model `ralflow train --model NAME` builds (its default head included), as the streamed runs
     model = build_model_for(load_config(None, {"model": {"name": model_name}}), 26).to(device)
     if channels_last:
@@ -175,6 +176,53 @@ def streamed(data: Path, model_name: str, size: int, batch: int, epochs: int, fl
     return {k: [m.value for m in sorted(c.get_metric_history(out["run_id"], k), key=lambda m: m.step)] for k in keys}
 
 
+def loop_alone(data: Path, model_name: str, size: int, batch: int, device, steps: int = 12) -> float:
+    """Images/s of ralflow's own training loop (``train_epoch``, its parts built as a worker builds
+    them) over batches already on the device: the streamed runs without Ray Data."""
+    import torch
+
+    from components.config import load_config
+    from components.data.manifest import Manifest
+    from components.train.build import build_parts
+    from components.train.loop import train_epoch
+
+    manifest = Manifest.load(data)
+    amp = {"amp": "bf16"} if device.type == "cuda" else {}
+    cfg = load_config(None, {"data": {"path": str(data), "image_size": size}, "model": {"name": model_name},
+                             "train": {"batch_size": batch, "channels_last": True, **amp}})  # fmt: skip
+    parts = build_parts(cfg, manifest, device, 1, prepare_model=lambda m: m.to(device))
+    c = len(manifest.label_names)
+    image = torch.randint(0, 255, (batch, 1, size, size), dtype=torch.uint8, device=device)
+    labels = (torch.rand(batch, c, device=device) < 0.1).float()
+    batches = [{"image": image.clone(), "labels": labels, "mask": torch.ones_like(labels)} for _ in range(steps)]
+    train_epoch(parts, batches[:2], device)  # warm-up
+    out = train_epoch(parts, batches, device)
+    return out["seen"] / out["time"]
+
+
+def ingest_alone(data: Path, size: int, batch: int, device, ray_cpus: int, epochs: int = 3) -> list[float]:
+    """Images/s of Ray Data alone, per epoch, with nothing training: the training split decoded and
+    augmented in Ray Data tasks (as ``--decode-on cpu`` trains), through a streaming split, to
+    ``iter_torch_batches`` on the device. Epoch 1 starts on a fresh Ray (cold processes)."""
+    from components.config import load_config
+    from components.data.ingest import build_ray_dataset
+    from components.data.manifest import Manifest
+    from components.train.build import augment_options
+
+    restart_ray(ray_cpus)
+    cfg = load_config(None, {"data": {"path": str(data), "image_size": size}})
+    ds = build_ray_dataset(Manifest.load(data), "train", size, augment_options(cfg), cfg.data.map_cpus, shuffle=True)
+    ds.context.enable_progress_bars = False
+    (split,) = ds.streaming_split(1, equal=True)
+    rates = []
+    for _ in range(epochs):
+        t0, n = time.perf_counter(), 0
+        for b in split.iter_torch_batches(batch_size=batch, device=device, pin_memory=device.type == "cuda"):
+            n += len(b["labels"])
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
 def restart_ray(num_cpus: int | None) -> None:
     """A fresh embedded Ray with ``num_cpus`` CPUs (None: all of them)."""
     import ray
@@ -249,7 +297,7 @@ def main() -> None:
     best = {}
     for model in a.models:
         for size in a.sizes:
-            for cl in (False, True):
+            for cl in (True,) if a.goals else (False, True):
                 for comp in compiles:
                     say.step(f"ceiling {model} {size} px channels-last {cl} compile {comp}")
                     ips = ceiling(model, size, a.batch, a.steps, cl, comp, device)
@@ -286,6 +334,15 @@ def main() -> None:
                 opts = PrepareOptions("cxr-lt-2023", str(src), image_size=size + size // 8)
                 prepare_dataset(opts, datasets[size], map_shards=lambda fn, shards: list(pool.map(fn, shards)),
                                 log=lambda *x: None)  # fmt: skip
+        # each half alone: the loop with batches already on the device, and Ray Data with no training
+        data_cpus = max(cpus - 2, 1)  # what a 2-CPU training worker leaves
+        say(f"\n| model | px | training loop alone img/s | Ray Data alone img/s ({data_cpus} CPUs; epoch 1 / later) |")
+        say("|---|---:|---:|---:|")
+        for size in a.sizes[:1] if a.goals else a.sizes:  # --goals: 224 px, where the gap was; fits the call
+            say.step(f"loop alone and Ray Data alone, {size} px")
+            loop = loop_alone(datasets[size], a.models[0], size, a.batch, device)
+            ingest = ingest_alone(datasets[size], size, a.batch, device, data_cpus)
+            say(f"| {a.models[0]} | {size} | {loop:.0f} | {ingest[0]:.0f} / {max(ingest[1:]):.0f} |")
         say(
             "\n| model | px | decode on | Ray CPUs | prefetch | epoch 1 s | epoch 1 data wait | first batch, s "
             "(epoch 1 / last) | img/s (last epoch) "
