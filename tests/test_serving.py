@@ -96,7 +96,9 @@ uri, files = sys.argv[1], json.loads(sys.argv[2])
 mlflow.set_tracking_uri(uri)
 model = mlflow.pyfunc.load_model("models:/cxr@champion")
 from components.data.images import load_gray  # now importable: the model's own copy of the package
+from components.models.pyfunc import decode_column
 
+size = model.unwrap_python_model().image_size
 out = {}
 for dicom_id, path in files.items():
     data = open(path, "rb").read()
@@ -104,8 +106,10 @@ for dicom_id, path in files.items():
     png = io.BytesIO()
     Image.fromarray(gray, mode="L").save(png, format="PNG")
     table = pd.DataFrame({"image": [data, png.getvalue(), gray]})  # DICOM bytes, PNG bytes, pixels
-    out[dicom_id] = model.predict(table).tolist()
-print(json.dumps({"probs": out, "components": sys.modules["components"].__file__}))
+    pixels = decode_column(list(table["image"]), size)  # what the model takes from each form
+    same = bool((pixels[0] == pixels[1]).all() and (pixels[0] == pixels[2]).all())
+    out[dicom_id] = {"probs": model.predict(table).tolist(), "same_pixels": same}
+print(json.dumps({"films": out, "components": sys.modules["components"].__file__}))
 """
 
 
@@ -128,9 +132,15 @@ def test_the_registered_model_loads_alone_and_matches_predict(registry, dicom_so
     assert r.returncode == 0, r.stderr[-3000:]
     fresh = json.loads(r.stdout.strip().splitlines()[-1])
     assert "/code/components/" in fresh["components"]  # imported from the model's own copy
-    for dicom_id, (from_dicom, from_png, from_pixels) in fresh["probs"].items():
+    for dicom_id, film in fresh["films"].items():
+        assert film["same_pixels"]  # DICOM bytes, PNG bytes and pixels: one image to the model
+        from_dicom, from_png, from_pixels = film["probs"]
         assert np.allclose(from_dicom, predicted[dicom_id], atol=2e-6)  # predict writes 6 decimals
-        assert np.array_equal(from_dicom, from_png) and np.array_equal(from_dicom, from_pixels)
+        # The three are rows of one batch, and oneDNN's CPU kernels may differ in the last bit
+        # between rows of a batch (seen: 6e-8), so the same pixels give the same probabilities
+        # to float precision, not always to the bit.
+        assert np.allclose(from_dicom, from_png, rtol=0, atol=1e-6)
+        assert np.allclose(from_dicom, from_pixels, rtol=0, atol=1e-6)
 
 
 def free_port() -> int:
