@@ -112,10 +112,12 @@ class RunAhead:
     host spends that wait blocked without holding the GIL, while this process's batch threads
     (Ray Data's iterator, the Prefetcher) need it. Without the bound, on an H200, one epoch
     trained at 3,903 img/s, and the next two at 505 and 583 img/s, waiting 83-86% of the time for
-    data that Ray Data alone delivers at 7,500 img/s. The likely cause, not yet measured: the
-    host stays in kernel-launch calls that take and release the GIL hundreds of times a step, as
-    torch's autograd thread does, and the batch threads queue for it (GIL contention with data
-    threads: PyTorch issue #180500). Off the GPU nothing is queued ahead, and this does nothing.
+    data that Ray Data alone delivers at 7,500 img/s. The suspected cause, not yet measured on a
+    GPU: the host stays in kernel-launch calls that take and release the GIL hundreds of times a
+    step, as torch's autograd thread does, and the batch threads queue for it (GIL contention
+    with data threads: PyTorch issue #180500). On the CPU, ``bench/gil.py`` measures the
+    mechanism: a main thread that churns the GIL cut a batch thread's rate to 0.67x, one paced
+    like this to 0.88x. Off the GPU nothing is queued ahead, and this does nothing.
     """
 
     def __init__(self, device, new_event=None) -> None:
@@ -166,8 +168,8 @@ def train_epoch(parts: TrainingParts, batches, device, watchdog: StallWatchdog |
         full = full or rows  # every batch but an epoch's last has the batch size
         # Skipped (every rank has the same rows, so all skip alike): a batch of one, on which batch
         # norm cannot train, and an epoch's last batch when smaller than the rest (timm's
-        # drop_last). Its shape would be new (re-sampled epochs vary in size): cuDNN would time its
-        # kernels again for it, seconds of a short epoch, and torch.compile would recompile.
+        # drop_last). Its shape would be new (re-sampled epochs vary in size): torch.compile would
+        # recompile for it, and cudnn.benchmark re-time its kernels (4-6 s each on an H200).
         if rows < 2 or rows < full:
             t_wait = time.perf_counter()
             continue
