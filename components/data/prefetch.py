@@ -1,11 +1,12 @@
 """Batches made ahead, in a thread, while the model trains on the one before.
 
 Ray Data's ``prefetch_batches`` fetches blocks ahead, but what happens after a batch leaves Ray
-Data happens where it is consumed: the copy to the GPU of ``iter_torch_batches``, and with
-``data.decode_on: gpu`` the nvJPEG decode and the augmentation. Done in the training loop's
-thread, that work waits for the step before it and the step waits for it. ``Prefetcher`` moves it
-into a thread of its own, started as soon as it is made (so the first epoch's data flows while the
-model is built: warm ingest), on a CUDA stream of its own.
+Data happens where it is consumed: with ``data.decode_on: gpu``, the nvJPEG decode and the
+augmentation. Done in the training loop's thread, that work waits for the step before it and the
+step waits for it. ``Prefetcher`` moves it into a thread of its own, started as soon as it is made
+(so the first epoch's data flows while the model is built: warm ingest), on a CUDA stream of its
+own. (``iter_torch_batches``'s own copy to the GPU is not on that stream: Ray 2.60 runs its whole
+batch pipeline, the copy included, in a thread of Ray's, on that thread's default CUDA stream.)
 """
 
 from __future__ import annotations
