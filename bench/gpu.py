@@ -155,6 +155,12 @@ def decode_speed(size: int, n: int, device, processes: int = 1) -> float:
         torch.set_num_threads(threads)
 
 
+def worker_cpus(gpu: bool) -> int:
+    """CPUs of the streamed runs' one training worker (2 beside a GPU: the loop and its batch
+    threads); the rest of the machine decodes."""
+    return 2 if gpu else 1
+
+
 def streamed(data: Path, model_name: str, size: int, batch: int, epochs: int, flags: dict, work: Path) -> dict:
     import mlflow
 
@@ -166,7 +172,7 @@ def streamed(data: Path, model_name: str, size: int, batch: int, epochs: int, fl
     cfg = load_config(None, {
         "data": {"path": str(data), "image_size": size, **flags.get("data", {})},
         "model": {"name": model_name},
-        "train": {"epochs": epochs, "batch_size": batch, "num_workers": 1, "cpus_per_worker": 2 if flags["gpu"] else 1,
+        "train": {"epochs": epochs, "batch_size": batch, "num_workers": 1, "cpus_per_worker": worker_cpus(flags["gpu"]),
                   "use_gpu": flags["gpu"], **flags.get("train", {})},
         "tracking": {"tracking_uri": uri, "storage_path": str(work / "runs"), "experiment": "gpu-bench"},
     })  # fmt: skip
@@ -335,7 +341,7 @@ def main() -> None:
                 prepare_dataset(opts, datasets[size], map_shards=lambda fn, shards: list(pool.map(fn, shards)),
                                 log=lambda *x: None)  # fmt: skip
         # each half alone: the loop with batches already on the device, and Ray Data with no training
-        data_cpus = max(cpus - 2, 1)  # what a 2-CPU training worker leaves
+        data_cpus = max(cpus - worker_cpus(cuda), 1)  # what the streamed runs' training worker leaves
         say(f"\n| model | px | training loop alone img/s | Ray Data alone img/s ({data_cpus} CPUs; epoch 1 / later) |")
         say("|---|---:|---:|---:|")
         for size in a.sizes[:1] if a.goals else a.sizes:  # --goals: 224 px, where the gap was; fits the call
