@@ -178,7 +178,14 @@ def streamed(data: Path, model_name: str, size: int, batch: int, epochs: int, fl
     })  # fmt: skip
     out = run_training(cfg, log=lambda *a, **k: None)
     c = mlflow.MlflowClient(uri)
-    keys = ("images_per_s", "data_wait_frac", "data_wait_first_s", "epoch_time_s", "gpu_peak_mem_gb")
+    keys = (
+        "images_per_s",
+        "data_wait_frac",
+        "data_wait_upstream_frac",
+        "data_wait_first_s",
+        "epoch_time_s",
+        "gpu_peak_mem_gb",
+    )
     return {k: [m.value for m in sorted(c.get_metric_history(out["run_id"], k), key=lambda m: m.step)] for k in keys}
 
 
@@ -352,7 +359,7 @@ def main() -> None:
         say(
             "\n| model | px | decode on | Ray CPUs | prefetch | epoch 1 s | epoch 1 data wait | first batch, s "
             "(epoch 1 / last) | img/s (last epoch) "
-            "| data wait | × ceiling (channels-last) | peak GB |"
+            "| data wait (for Ray Data's tasks) | × ceiling (channels-last) | peak GB |"
         )
         say("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         # --decode-on cpu with every CPU, then gpu with the few CPUs a GPU gets on a shared node
@@ -371,10 +378,12 @@ def main() -> None:
                         ratio = h["images_per_s"][-1] / best[(model, size, True, False)]
                         peak = f"{h['gpu_peak_mem_gb'][-1]:.1f}" if h["gpu_peak_mem_gb"] else "n/a"
                         first, last = (h["epoch_time_s"][0], h["data_wait_frac"][0]), h["data_wait_frac"][-1]
+                        upstream = h["data_wait_upstream_frac"]
+                        last = f"{last:.0%}" + (f" ({upstream[-1]:.0%})" if upstream else "")
                         say(
                             f"| {model} | {size} | {decode_on} | {ray_cpus or cpus} | {prefetch} | {first[0]:.1f} "
                             f"| {first[1]:.0%} | {h['data_wait_first_s'][0]:.2f} / {h['data_wait_first_s'][-1]:.2f} "
-                            f"| {h['images_per_s'][-1]:.0f} | {last:.0%} | {ratio:.2f} | {peak} |"
+                            f"| {h['images_per_s'][-1]:.0f} | {last} | {ratio:.2f} | {peak} |"
                         )
     goals(say, a, best, decode, runs, cuda)
 

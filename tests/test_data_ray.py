@@ -37,19 +37,22 @@ def test_synth_prepare_ingest_end_to_end(tmp_path, cli, ray_address):
 
     import torch
 
-    from components.data.ingest import AugmentOptions, build_ray_dataset
+    from components.data.ingest import AugmentOptions, build_ray_dataset, upstream_wait_s
     from components.data.manifest import Manifest
     from components.models.inputs import normalize
 
     train = build_ray_dataset(Manifest.load(out), "train", image_size=40, augment=AugmentOptions())
+    (split,) = train.streaming_split(1, equal=True)  # as a Ray Train worker gets it
+    assert upstream_wait_s(split) == 0.0 and upstream_wait_s(object()) is None
     seen, labels = 0, []
-    for batch in train.iter_torch_batches(batch_size=16):
+    for batch in split.iter_torch_batches(batch_size=16):
         assert batch["image"].shape[1:] == (1, 40, 40) and batch["labels"].shape[1] == 26
         assert batch["image"].dtype == torch.uint8 and batch["mask"].min() == 1
         assert normalize(batch["image"]).dtype == torch.float32
         seen += len(batch["image"])
         labels.append(batch["labels"].numpy())
     assert seen == n_train
+    assert upstream_wait_s(split) > 0  # the first block cannot be there before a task has made it
     counts = np.concatenate(labels).sum(0)
     assert counts.astype(int).tolist() == list(manifest["splits"]["train"]["class_counts"].values())
     # validation variant: deterministic (no augmentation)

@@ -59,6 +59,7 @@ def test_local_mode_train_loop(tiny_dataset, tmp_path, ray_address):
     assert [m.step for m in c.get_metric_history(out["run_id"], "val_mAP")] == [1]  # epochs count from 1
     assert [m.value for m in c.get_metric_history(out["run_id"], "epoch")] == [1] and out["best_epoch"] == 1
     assert 0 < out["best_val_mAP"] <= 1
+    assert "data_wait_upstream_frac" not in run.data.metrics  # local mode's iterator keeps no such figure
     # Re-running the finished run resumes past its last epoch: nothing retrained, same result.
     again = run_training(cfg, log=lambda *_: None)
     assert again["run_id"] == out["run_id"] and again["best_val_mAP"] == out["best_val_mAP"]
@@ -142,6 +143,9 @@ def test_two_workers_recover_from_a_killed_worker_into_the_same_run(tiny_dataset
     n_val = manifest.splits["val"].num_images
     assert n_val % 2 == 1  # odd: an equal 2-way split would drop one
     assert [m.value for m in c.get_metric_history(run_id, "val_images")] == [n_val] * 4
+    # each epoch, the share of training the batch thread waited for Ray Data's tasks
+    assert all(0 <= m.value <= 1 for m in c.get_metric_history(run_id, "data_wait_upstream_frac"))
+    assert len(c.get_metric_history(run_id, "data_wait_upstream_frac")) == 4
     best = run.data.metrics["best_val_mAP"]
     assert best > prevalence_baseline(manifest) + 0.05, (best, prevalence_baseline(manifest))
     # checkpoints kept in storage: the best two (keep_checkpoints) and the latest, none that Ray

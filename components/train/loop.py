@@ -471,13 +471,17 @@ def train_and_validate_epoch(job: TrainJob, parts, epoch: int, batches, rank: in
     checkpoint and log. Returns the next epoch's batches, already flowing: started as soon as
     training ends, their first blocks are decoded while this epoch is validated and checkpointed,
     so a new epoch does not start by waiting for Ray Data to start (warm ingest across epochs)."""
+    from ..data.ingest import upstream_wait_s
     from .resources import check_room_for_data
 
     cfg = job.cfg
     fault_drill(job, epoch, rank, world)
     t_epoch = time.perf_counter()
+    upstream = upstream_wait_s(train_shard)
     with StallWatchdog(cfg.train.stall_warn_s, rank, check=lambda: check_room_for_data(cfg)) as watchdog:
         stats = train_epoch(parts, batches or train_batches(cfg, train_shard, device, epoch, rank), device, watchdog)
+    if upstream is not None:  # of the batch thread's waits while this epoch trained, those for Ray Data's tasks
+        stats["upstream_wait"] = upstream_wait_s(train_shard) - upstream
     ahead = train_batches(cfg, train_shard, device, epoch + 1, rank) if epoch + 1 < cfg.train.epochs else None
     try:
         validate_and_report(job, parts, epoch, stats, t_epoch, rank, device, val_shard)
@@ -534,6 +538,8 @@ def validate_and_report(job: TrainJob, parts, epoch: int, stats: dict, t_epoch: 
         "data_wait_frac": stats["data_wait"] / max(stats["time"], 1e-9),  # rank 0's share of time starved of data
         "data_wait_first_s": stats["first_wait"],  # of which for the first batch: the pipeline's start-up
     }
+    if "upstream_wait" in stats:  # a data wait well above this one: the worker's batch thread is the bottleneck
+        metrics["data_wait_upstream_frac"] = stats["upstream_wait"] / max(stats["time"], 1e-9)
     if device.type == "cuda":  # what the chip held at most (rank 0), for sizing batches and images
         metrics["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     per_class_ap, val_outputs = val.pop("per_class_ap"), val.pop("val_outputs", None)
