@@ -236,6 +236,73 @@ def ingest_alone(data: Path, size: int, batch: int, device, ray_cpus: int, epoch
     return rates
 
 
+class Reservations:
+    """What Ray Data's executions are given, over a streamed run, read in a thread every 0.25 s.
+
+    In Ray 2.60 each dataset execution (an epoch of the training split, a validation pass) asks
+    one cluster-wide actor, the AutoscalingCoordinator, for CPUs. Ray Train's workers register
+    theirs, and the executions then running split what is left equally (integer division), so an
+    epoch's decode tasks get fewer CPUs while another execution lives. To watch it, this takes the
+    actor's name with a subclass that can list its requests, before Ray Data makes the actor.
+    Private API, for this diagnosis only: in another Ray it says so and logs nothing."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lines, self.t0, self.stop = [], time.perf_counter(), threading.Event()
+        try:
+            import ray
+            from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                _AutoscalingCoordinatorActor,
+            )
+
+            class Listing(_AutoscalingCoordinatorActor):
+                def listing(self) -> dict:
+                    def cpus(bundles):
+                        return sum(b.get("CPU", 0) for b in bundles)
+
+                    with self._lock:
+                        return {k: (cpus(r.requested_resources), cpus(r.reserved_resources.values()))
+                                for k, r in self._ongoing_reqs.items()}  # fmt: skip
+
+            self.actor = ray.remote(num_cpus=0)(Listing).options(
+                name="AutoscalingCoordinator", namespace="AutoscalingCoordinator", lifetime="detached",
+                get_if_exists=True,
+            ).remote()  # fmt: skip
+        except (ImportError, AttributeError) as exc:
+            self.lines.append(f"reservations not watched: {exc}")
+            return
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        import ray
+
+        last = None
+        while not self.stop.wait(0.25):
+            try:
+                now = ray.get(self.actor.listing.remote(), timeout=5)
+            except Exception as exc:  # noqa: BLE001 - a diagnosis: say it, do not fail the bench
+                self.lines.append(f"reservations: {exc}")
+                return
+            if now != last:  # requester: (CPUs asked for, CPUs reserved)
+                shown = ", ".join(f"{self.name(k)} {a:g}/{r:g}" for k, (a, r) in sorted(now.items()))
+                self.lines.append(f"[{time.perf_counter() - self.t0:6.1f} s] {len(now)} requesters: {shown}")
+                last = now
+
+    @staticmethod
+    def name(requester: str) -> str:
+        """``data-train_<id>_2`` -> ``train#2`` (the training split's third execution); Ray Train's
+        own request (``train-<id>``: its workers' CPUs) -> ``workers``."""
+        if requester.startswith("data-") and requester.count("_") >= 2:
+            parts = requester[5:].split("_")
+            return f"{parts[0]}#{parts[-1]}"
+        return "workers" if requester.startswith("train-") else requester
+
+    def close(self) -> list[str]:
+        self.stop.set()
+        return self.lines
+
+
 def restart_ray(num_cpus: int | None) -> None:
     """A fresh embedded Ray with ``num_cpus`` CPUs (None: all of them)."""
     import ray
@@ -369,12 +436,14 @@ def main() -> None:
                     for prefetch in a.prefetch:
                         say.step(f"streamed {model} {size} px decode on {decode_on} prefetch {prefetch}")
                         restart_ray(ray_cpus)  # every run starts cold, as a submitted job does
+                        watch = Reservations()
                         flags = {"gpu": cuda, "data": {"decode_on": decode_on, "prefetch_batches": prefetch},
                                  "train": {"channels_last": True, **({"amp": "bf16"} if cuda else {})}}  # fmt: skip
                         name = f"{model}-{size}-{decode_on}-p{prefetch}"
                         h = streamed(datasets[size], model, size, a.batch, a.epochs, flags, work / name)
                         runs.append((model, size, decode_on, prefetch, ray_cpus or cpus, h))
                         print(f"history {name}: {json.dumps(h)}", flush=True)  # every epoch, in the log only
+                        print(f"CPUs reserved to Ray Data's executions, {name}:", *watch.close(), sep="\n  ")
                         ratio = h["images_per_s"][-1] / best[(model, size, True, False)]
                         peak = f"{h['gpu_peak_mem_gb'][-1]:.1f}" if h["gpu_peak_mem_gb"] else "n/a"
                         first, last = (h["epoch_time_s"][0], h["data_wait_frac"][0]), h["data_wait_frac"][-1]
