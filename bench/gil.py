@@ -13,7 +13,11 @@ The batches come from a materialized dataset of uint8 images, so Ray Data's task
 the measure is the consumer side alone. Each round times one epoch of each mode, back to back;
 the table gives medians over the rounds and the per-round ratio to ``wait``.
 
-    python bench/gil.py [--images 4096] [--size 224] [--rounds 5]
+    python bench/gil.py [--images 4096] [--size 224] [--rounds 5] [--switch-ms 5 1 0.2]
+
+``--switch-ms`` repeats the three modes at each of Python's GIL switch intervals
+(``sys.setswitchinterval``; Python's default is 5 ms): how long a thread waiting for the GIL lets
+the holder run before asking it to let go.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--launch-ms", type=float, default=10.0, help="paced: time spent queueing a step")
     p.add_argument("--step-ms", type=float, default=30.0, help="paced: time the device runs a step")
+    p.add_argument("--switch-ms", type=float, nargs="+", default=[5.0], help="GIL switch intervals to run at")
     a = p.parse_args()
 
     import numpy as np
@@ -83,19 +88,22 @@ def main() -> None:
     (split,) = ray.data.from_numpy(images).materialize().streaming_split(1, equal=True)
     args = (split, a.batch)
     epoch(*args, "wait", a.launch_ms / 1e3, a.step_ms / 1e3)  # warm-up: the first epoch starts things
-    rates = {m: [] for m in MODES}
+    default_switch = sys.getswitchinterval()
+    rates = {(ms, m): [] for ms in a.switch_ms for m in MODES}
     for r in range(a.rounds):
-        for mode in MODES:
-            rates[mode].append(epoch(*args, mode, a.launch_ms / 1e3, a.step_ms / 1e3))
-        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{m} {rates[m][-1]:.0f}" for m in MODES), flush=True)
+        for ms in a.switch_ms:
+            sys.setswitchinterval(ms / 1e3)
+            for mode in MODES:
+                rates[ms, mode].append(epoch(*args, mode, a.launch_ms / 1e3, a.step_ms / 1e3))
+        sys.setswitchinterval(default_switch)
+        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{m} {v[-1]:.0f}" for m, v in rates.items()), flush=True)
     ray.shutdown()
     print(f"\n{a.images} images of {a.size} px, batches of {a.batch}, {a.rounds} rounds; img/s delivered, "
-          "median [min-max]; ratio to wait: median of the per-round ratios")  # fmt: skip
-    print("| main thread | img/s | × wait |\n|---|---:|---:|")
-    for mode in MODES:
-        ratio = statistics.median(x / w for x, w in zip(rates[mode], rates["wait"]))
-        v = rates[mode]
-        print(f"| {mode} | {statistics.median(v):.0f} [{min(v):.0f}-{max(v):.0f}] | {ratio:.2f} |")
+          "median [min-max]; ratio to wait: median of the per-round ratios at the same switch interval")  # fmt: skip
+    print("| GIL switch interval | main thread | img/s | × wait |\n|---:|---|---:|---:|")
+    for (ms, mode), v in rates.items():
+        ratio = statistics.median(x / w for x, w in zip(v, rates[ms, "wait"]))
+        print(f"| {ms:g} ms | {mode} | {statistics.median(v):.0f} [{min(v):.0f}-{max(v):.0f}] | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
