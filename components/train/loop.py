@@ -539,7 +539,8 @@ def validate_and_report(job: TrainJob, parts, epoch: int, stats: dict, t_epoch: 
         "data_wait_first_s": stats["first_wait"],  # of which for the first batch: the pipeline's start-up
     }
     if "upstream_wait" in stats:  # a data wait well above this one: the worker's batch thread is the bottleneck
-        metrics["data_wait_upstream_frac"] = stats["upstream_wait"] / max(stats["time"], 1e-9)
+        # Ray counts a wait when it ends: one begun before the epoch (a cold start) counts whole, hence the cap
+        metrics["data_wait_upstream_frac"] = min(stats["upstream_wait"] / max(stats["time"], 1e-9), 1.0)
     if device.type == "cuda":  # what the chip held at most (rank 0), for sizing batches and images
         metrics["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     per_class_ap, val_outputs = val.pop("per_class_ap"), val.pop("val_outputs", None)
