@@ -268,9 +268,9 @@ def upstream_wait_s(shard) -> float | None:
     """Seconds, in all since ``shard`` was made, that the thread iterating it has waited for Ray
     Data's tasks to produce blocks, as Ray attributes its iterator's blocked time ("production
     wait" in ``shard.stats()``; the rest is the iterating thread's own fetch, batching, collate and
-    copy). Read from the iterator's local stats, not through ``stats()``, which asks the
-    coordinator actor for the whole execution's. None for an iterator that keeps no such figure
-    (another Ray, or one not made by a streaming split)."""
+    copy). Read from the iterator's local stats, not through ``stats()``, which also asks the
+    split's SplitCoordinator actor for the whole execution's. None for an iterator that keeps no
+    such figure (another Ray, or one not made by a streaming split)."""
     try:
         return float(shard._iter_stats.to_summary().iter_stats.blocked_production_wait_time.get())
     except AttributeError:
