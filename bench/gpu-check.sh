@@ -8,7 +8,7 @@
 #   steps' limits, BENCH_S=530 and TESTS_S=45 seconds, keep it inside one 10-minute call;
 #   the bench's streamed runs exercise the GPU training path too, so the tests come last)
 #   (H200 runs: the tests took 77 s in the first; the second's bench was cut at 440 s in its
-#   last streamed run)
+#   last streamed run, GPU decode at 512 px, which now runs second, before CPU decode at 512 px)
 #
 # Writes under $OUT (default ./gpu-check): gpu.txt (the GPU), gpu-tests.txt (the GPU-marked tests
 # and the loss library's CUDA tests), gpu.md (`bench/gpu.py --goals`: ceilings, decode, each half

@@ -429,31 +429,35 @@ def main() -> None:
             "| data wait (for Ray Data's tasks) | × ceiling (channels-last) | peak GB |"
         )
         say("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        # --decode-on cpu with every CPU, then gpu with the few CPUs a GPU gets on a shared node
-        for decode_on, ray_cpus in (("cpu", None), ("gpu", a.gpu_decode_cpus)):
-            for size in a.sizes if decode_on == "cpu" or not a.goals else [max(a.sizes)]:
-                for model in a.models:
-                    for prefetch in a.prefetch:
-                        say.step(f"streamed {model} {size} px decode on {decode_on} prefetch {prefetch}")
-                        restart_ray(ray_cpus)  # every run starts cold, as a submitted job does
-                        watch = Reservations()
-                        flags = {"gpu": cuda, "data": {"decode_on": decode_on, "prefetch_batches": prefetch},
-                                 "train": {"channels_last": True, **({"amp": "bf16"} if cuda else {})}}  # fmt: skip
-                        name = f"{model}-{size}-{decode_on}-p{prefetch}"
-                        h = streamed(datasets[size], model, size, a.batch, a.epochs, flags, work / name)
-                        runs.append((model, size, decode_on, prefetch, ray_cpus or cpus, h))
-                        print(f"history {name}: {json.dumps(h)}", flush=True)  # every epoch, in the log only
-                        print(f"CPUs reserved to Ray Data's executions, {name}:", *watch.close(), sep="\n  ")
-                        ratio = h["images_per_s"][-1] / best[(model, size, True, False)]
-                        peak = f"{h['gpu_peak_mem_gb'][-1]:.1f}" if h["gpu_peak_mem_gb"] else "n/a"
-                        first, last = (h["epoch_time_s"][0], h["data_wait_frac"][0]), h["data_wait_frac"][-1]
-                        upstream = h["data_wait_upstream_frac"]
-                        last = f"{last:.0%}" + (f" ({upstream[-1]:.0%})" if upstream else "")
-                        say(
-                            f"| {model} | {size} | {decode_on} | {ray_cpus or cpus} | {prefetch} | {first[0]:.1f} "
-                            f"| {first[1]:.0%} | {h['data_wait_first_s'][0]:.2f} / {h['data_wait_first_s'][-1]:.2f} "
-                            f"| {h['images_per_s'][-1]:.0f} | {last} | {ratio:.2f} | {peak} |"
-                        )
+        # --decode-on cpu with every CPU; gpu with the few CPUs a GPU gets on a shared node (--goals:
+        # where its goal is, the largest size). One CPU-decode run, then the GPU-decode ones, then
+        # the other CPU-decode sizes: a run cut short by a time limit still has both kinds.
+        gpu_sizes = [max(a.sizes)] if a.goals else a.sizes
+        order = [("cpu", a.sizes[0]), *(("gpu", x) for x in gpu_sizes), *(("cpu", x) for x in a.sizes[1:])]
+        for decode_on, size in order:
+            ray_cpus = a.gpu_decode_cpus if decode_on == "gpu" else None
+            for model in a.models:
+                for prefetch in a.prefetch:
+                    say.step(f"streamed {model} {size} px decode on {decode_on} prefetch {prefetch}")
+                    restart_ray(ray_cpus)  # every run starts cold, as a submitted job does
+                    watch = Reservations()
+                    flags = {"gpu": cuda, "data": {"decode_on": decode_on, "prefetch_batches": prefetch},
+                             "train": {"channels_last": True, **({"amp": "bf16"} if cuda else {})}}  # fmt: skip
+                    name = f"{model}-{size}-{decode_on}-p{prefetch}"
+                    h = streamed(datasets[size], model, size, a.batch, a.epochs, flags, work / name)
+                    runs.append((model, size, decode_on, prefetch, ray_cpus or cpus, h))
+                    print(f"history {name}: {json.dumps(h)}", flush=True)  # every epoch, in the log only
+                    print(f"CPUs reserved to Ray Data's executions, {name}:", *watch.close(), sep="\n  ")
+                    ratio = h["images_per_s"][-1] / best[(model, size, True, False)]
+                    peak = f"{h['gpu_peak_mem_gb'][-1]:.1f}" if h["gpu_peak_mem_gb"] else "n/a"
+                    first, last = (h["epoch_time_s"][0], h["data_wait_frac"][0]), h["data_wait_frac"][-1]
+                    upstream = h["data_wait_upstream_frac"]
+                    last = f"{last:.0%}" + (f" ({upstream[-1]:.0%})" if upstream else "")
+                    say(
+                        f"| {model} | {size} | {decode_on} | {ray_cpus or cpus} | {prefetch} | {first[0]:.1f} "
+                        f"| {first[1]:.0%} | {h['data_wait_first_s'][0]:.2f} / {h['data_wait_first_s'][-1]:.2f} "
+                        f"| {h['images_per_s'][-1]:.0f} | {last} | {ratio:.2f} | {peak} |"
+                    )
     goals(say, a, best, decode, runs, cuda)
 
 
