@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -303,6 +304,12 @@ class Reservations:
         return self.lines
 
 
+def stop_on_term(signum, frame) -> None:
+    """SIGTERM (``timeout``'s, the device's) as Ctrl-C: the runs in progress stop, the finished ones
+    still make the goals' table."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def restart_ray(num_cpus: int | None) -> None:
     """A fresh embedded Ray with ``num_cpus`` CPUs (None: all of them)."""
     import ray
@@ -399,65 +406,70 @@ def main() -> None:
         say(f"| {size} | {one:.0f} | {pool:.0f} | {shown} |")
 
     runs = []  # (model, size, decode_on, prefetch, cpus, history)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        # one source at the largest size, prepared (downscaled) for each: the synthesis is the slow part
-        src, top = work / "src", max(a.sizes)
-        say.step(f"synthetic data, {a.num_images} images at {top + top // 8} px")
-        write_synthetic_cxr_lt(src, SynthOptions(num_images=a.num_images, image_size=top + top // 8, seed=0),
-                               progress=None)  # fmt: skip
-        datasets = {}
-        with ThreadPoolExecutor(os.cpu_count()) as pool:  # shards in parallel: PIL releases the GIL
-            for size in a.sizes:
-                say.step(f"prepare {size} px")
-                datasets[size] = work / f"data{size}"
-                opts = PrepareOptions("cxr-lt-2023", str(src), image_size=size + size // 8)
-                prepare_dataset(opts, datasets[size], map_shards=lambda fn, shards: list(pool.map(fn, shards)),
-                                log=lambda *x: None)  # fmt: skip
-        # each half alone: the loop with batches already on the device, and Ray Data with no training
-        data_cpus = max(cpus - worker_cpus(cuda), 1)  # what the streamed runs' training worker leaves
-        say(f"\n| model | px | training loop alone img/s | Ray Data alone img/s ({data_cpus} CPUs; epoch 1 / later) |")
-        say("|---|---:|---:|---:|")
-        for size in a.sizes[:1] if a.goals else a.sizes:  # --goals: 224 px, where the gap was; fits the call
-            say.step(f"loop alone and Ray Data alone, {size} px")
-            loop = loop_alone(datasets[size], a.models[0], size, a.batch, device)
-            ingest = ingest_alone(datasets[size], size, a.batch, device, data_cpus)
-            say(f"| {a.models[0]} | {size} | {loop:.0f} | {ingest[0]:.0f} / {max(ingest[1:]):.0f} |")
-        say(
-            "\n| model | px | decode on | Ray CPUs | prefetch | epoch 1 s | epoch 1 data wait | first batch, s "
-            "(epoch 1 / last) | img/s (last epoch) "
-            "| data wait (for Ray Data's tasks) | × ceiling (channels-last) | peak GB |"
-        )
-        say("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        # --decode-on cpu with every CPU; gpu with the few CPUs a GPU gets on a shared node (--goals:
-        # where its goal is, the largest size). One CPU-decode run, then the GPU-decode ones, then
-        # the other CPU-decode sizes: a run cut short by a time limit still has both kinds.
-        gpu_sizes = [max(a.sizes)] if a.goals else a.sizes
-        order = [("cpu", a.sizes[0]), *(("gpu", x) for x in gpu_sizes), *(("cpu", x) for x in a.sizes[1:])]
-        for decode_on, size in order:
-            ray_cpus = a.gpu_decode_cpus if decode_on == "gpu" else None
-            for model in a.models:
-                for prefetch in a.prefetch:
-                    say.step(f"streamed {model} {size} px decode on {decode_on} prefetch {prefetch}")
-                    restart_ray(ray_cpus)  # every run starts cold, as a submitted job does
-                    watch = Reservations()
-                    flags = {"gpu": cuda, "data": {"decode_on": decode_on, "prefetch_batches": prefetch},
-                             "train": {"channels_last": True, **({"amp": "bf16"} if cuda else {})}}  # fmt: skip
-                    name = f"{model}-{size}-{decode_on}-p{prefetch}"
-                    h = streamed(datasets[size], model, size, a.batch, a.epochs, flags, work / name)
-                    runs.append((model, size, decode_on, prefetch, ray_cpus or cpus, h))
-                    print(f"history {name}: {json.dumps(h)}", flush=True)  # every epoch, in the log only
-                    print(f"CPUs reserved to Ray Data's executions, {name}:", *watch.close(), sep="\n  ")
-                    ratio = h["images_per_s"][-1] / best[(model, size, True, False)]
-                    peak = f"{h['gpu_peak_mem_gb'][-1]:.1f}" if h["gpu_peak_mem_gb"] else "n/a"
-                    first, last = (h["epoch_time_s"][0], h["data_wait_frac"][0]), h["data_wait_frac"][-1]
-                    upstream = h["data_wait_upstream_frac"]
-                    last = f"{last:.0%}" + (f" ({upstream[-1]:.0%})" if upstream else "")
-                    say(
-                        f"| {model} | {size} | {decode_on} | {ray_cpus or cpus} | {prefetch} | {first[0]:.1f} "
-                        f"| {first[1]:.0%} | {h['data_wait_first_s'][0]:.2f} / {h['data_wait_first_s'][-1]:.2f} "
-                        f"| {h['images_per_s'][-1]:.0f} | {last} | {ratio:.2f} | {peak} |"
-                    )
+    signal.signal(signal.SIGTERM, stop_on_term)  # a time limit's SIGTERM still leaves the verdict
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            # one source at the largest size, prepared (downscaled) for each: the synthesis is the slow part
+            src, top = work / "src", max(a.sizes)
+            say.step(f"synthetic data, {a.num_images} images at {top + top // 8} px")
+            write_synthetic_cxr_lt(src, SynthOptions(num_images=a.num_images, image_size=top + top // 8, seed=0),
+                                   progress=None)  # fmt: skip
+            datasets = {}
+            with ThreadPoolExecutor(os.cpu_count()) as pool:  # shards in parallel: PIL releases the GIL
+                for size in a.sizes:
+                    say.step(f"prepare {size} px")
+                    datasets[size] = work / f"data{size}"
+                    opts = PrepareOptions("cxr-lt-2023", str(src), image_size=size + size // 8)
+                    prepare_dataset(opts, datasets[size], map_shards=lambda fn, shards: list(pool.map(fn, shards)),
+                                    log=lambda *x: None)  # fmt: skip
+            # each half alone: the loop with batches already on the device, and Ray Data with no training
+            data_cpus = max(cpus - worker_cpus(cuda), 1)  # what the streamed runs' training worker leaves
+            say("\n| model | px | training loop alone img/s "
+                f"| Ray Data alone img/s ({data_cpus} CPUs; epoch 1 / later) |")  # fmt: skip
+            say("|---|---:|---:|---:|")
+            for size in a.sizes[:1] if a.goals else a.sizes:  # --goals: 224 px, where the gap was; fits the call
+                say.step(f"loop alone and Ray Data alone, {size} px")
+                loop = loop_alone(datasets[size], a.models[0], size, a.batch, device)
+                ingest = ingest_alone(datasets[size], size, a.batch, device, data_cpus)
+                say(f"| {a.models[0]} | {size} | {loop:.0f} | {ingest[0]:.0f} / {max(ingest[1:]):.0f} |")
+            say(
+                "\n| model | px | decode on | Ray CPUs | prefetch | epoch 1 s | epoch 1 data wait | first batch, s "
+                "(epoch 1 / last) | img/s (last epoch) "
+                "| data wait (for Ray Data's tasks) | × ceiling (channels-last) | peak GB |"
+            )
+            say("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            # --decode-on cpu with every CPU; gpu with the few CPUs a GPU gets on a shared node (--goals:
+            # where its goal is, the largest size). One CPU-decode run, then the GPU-decode ones, then
+            # the other CPU-decode sizes: a run cut short by a time limit still has both kinds.
+            gpu_sizes = [max(a.sizes)] if a.goals else a.sizes
+            order = [("cpu", a.sizes[0]), *(("gpu", x) for x in gpu_sizes), *(("cpu", x) for x in a.sizes[1:])]
+            for decode_on, size in order:
+                ray_cpus = a.gpu_decode_cpus if decode_on == "gpu" else None
+                for model in a.models:
+                    for prefetch in a.prefetch:
+                        say.step(f"streamed {model} {size} px decode on {decode_on} prefetch {prefetch}")
+                        restart_ray(ray_cpus)  # every run starts cold, as a submitted job does
+                        watch = Reservations()
+                        flags = {"gpu": cuda, "data": {"decode_on": decode_on, "prefetch_batches": prefetch},
+                                 "train": {"channels_last": True, **({"amp": "bf16"} if cuda else {})}}  # fmt: skip
+                        name = f"{model}-{size}-{decode_on}-p{prefetch}"
+                        h = streamed(datasets[size], model, size, a.batch, a.epochs, flags, work / name)
+                        runs.append((model, size, decode_on, prefetch, ray_cpus or cpus, h))
+                        print(f"history {name}: {json.dumps(h)}", flush=True)  # every epoch, in the log only
+                        print(f"CPUs reserved to Ray Data's executions, {name}:", *watch.close(), sep="\n  ")
+                        ratio = h["images_per_s"][-1] / best[(model, size, True, False)]
+                        peak = f"{h['gpu_peak_mem_gb'][-1]:.1f}" if h["gpu_peak_mem_gb"] else "n/a"
+                        first, last = (h["epoch_time_s"][0], h["data_wait_frac"][0]), h["data_wait_frac"][-1]
+                        upstream = h["data_wait_upstream_frac"]
+                        last = f"{last:.0%}" + (f" ({upstream[-1]:.0%})" if upstream else "")
+                        say(
+                            f"| {model} | {size} | {decode_on} | {ray_cpus or cpus} | {prefetch} | {first[0]:.1f} "
+                            f"| {first[1]:.0%} | {h['data_wait_first_s'][0]:.2f} / {h['data_wait_first_s'][-1]:.2f} "
+                            f"| {h['images_per_s'][-1]:.0f} | {last} | {ratio:.2f} | {peak} |"
+                        )
+    except KeyboardInterrupt:
+        say("\nCut short (SIGTERM or Ctrl-C): the goals below count only the runs above.")
     goals(say, a, best, decode, runs, cuda)
 
 
