@@ -458,19 +458,23 @@ def main() -> None:
                         runs.append((model, size, decode_on, prefetch, ray_cpus or cpus, h))
                         print(f"history {name}: {json.dumps(h)}", flush=True)  # every epoch, in the log only
                         print(f"CPUs reserved to Ray Data's executions, {name}:", *watch.close(), sep="\n  ")
-                        ratio = h["images_per_s"][-1] / best[(model, size, True, False)]
-                        peak = f"{h['gpu_peak_mem_gb'][-1]:.1f}" if h["gpu_peak_mem_gb"] else "n/a"
-                        first, last = (h["epoch_time_s"][0], h["data_wait_frac"][0]), h["data_wait_frac"][-1]
-                        upstream = h["data_wait_upstream_frac"]
-                        last = f"{last:.0%}" + (f" ({upstream[-1]:.0%})" if upstream else "")
-                        say(
-                            f"| {model} | {size} | {decode_on} | {ray_cpus or cpus} | {prefetch} | {first[0]:.1f} "
-                            f"| {first[1]:.0%} | {h['data_wait_first_s'][0]:.2f} / {h['data_wait_first_s'][-1]:.2f} "
-                            f"| {h['images_per_s'][-1]:.0f} | {last} | {ratio:.2f} | {peak} |"
-                        )
+                        say(streamed_row(runs[-1], best[(model, size, True, False)]))
     except KeyboardInterrupt:
         say("\nCut short (SIGTERM or Ctrl-C): the goals below count only the runs above.")
     goals(say, a, best, decode, runs, cuda)
+
+
+def streamed_row(run: tuple, ceiling: float) -> str:
+    """The streamed runs' table row of one run ``(model, size, decode_on, prefetch, cpus, history)``."""
+    model, size, decode_on, prefetch, cpus, h = run
+    peak = f"{h['gpu_peak_mem_gb'][-1]:.1f}" if h["gpu_peak_mem_gb"] else "n/a"
+    upstream = h["data_wait_upstream_frac"]
+    wait = f"{h['data_wait_frac'][-1]:.0%}" + (f" ({upstream[-1]:.0%})" if upstream else "")
+    return (
+        f"| {model} | {size} | {decode_on} | {cpus} | {prefetch} | {h['epoch_time_s'][0]:.1f} "
+        f"| {h['data_wait_frac'][0]:.0%} | {h['data_wait_first_s'][0]:.2f} / {h['data_wait_first_s'][-1]:.2f} "
+        f"| {h['images_per_s'][-1]:.0f} | {wait} | {h['images_per_s'][-1] / ceiling:.2f} | {peak} |"
+    )
 
 
 def goals(say, a, best, decode, runs, cuda: bool) -> None:
