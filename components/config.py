@@ -36,7 +36,7 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None =
 
 from .calibration import CALIBRATIONS, THRESHOLDS  # noqa: E402 - the choices live with their code
 from .data.sampling import SAMPLINGS  # noqa: E402
-from .models.heads import HEADS  # noqa: E402
+from .models import HEADS  # noqa: E402
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DECODE_ON = ("cpu", "gpu")

@@ -111,12 +111,14 @@ def test_drivers_only_drive_the_library():
         assert not {m for m in imported_modules(path) if m.startswith("workflows")}, path  # the library stands alone
 
 
-def test_building_the_cli_imports_no_ray_or_mlflow():
+def test_building_the_cli_imports_no_ray_mlflow_or_torch():
     """Ray reads settings such as RAY_AUTH_MODE when it is imported: `submit` sets them first, so
-    no subcommand's flags may import Ray (or MLflow) while the parser is built. Also keeps --help fast."""
+    no subcommand's flags may import Ray (or MLflow) while the parser is built. Torch neither: it
+    alone took 2-7 s of every `ralflow --help` and every flag mistake."""
     import subprocess
     import sys
 
-    code = "import sys, workflows.cli as c; c.build_cli_parser(); print(sorted({'ray', 'mlflow'} & set(sys.modules)))"
+    heavy = "{'ray', 'mlflow', 'torch', 'timm', 'sklearn'}"
+    code = f"import sys, workflows.cli as c; c.build_cli_parser(); print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -10,16 +10,19 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 GROUPS = ("head", "medium", "tail")
 
 
 def per_class_ap(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    from sklearn.metrics import average_precision_score  # imported on use: `ralflow --help` needs none of it
+
     return _per_class(average_precision_score, probs, targets, mask, need_negative=False)
 
 
 def per_class_auroc(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    from sklearn.metrics import roc_auc_score
+
     return _per_class(roc_auc_score, probs, targets, mask, need_negative=True)
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from ..errors import UserError
 
+# The heads ``model.head`` names (built in ``components.models.heads``). Kept here, free of torch,
+# so the config schema can offer them as choices without importing torch (`ralflow --help`).
+HEADS = ("linear", "csra")
+
 
 def build_model(
     name: str,
@@ -25,7 +29,7 @@ def build_model(
 
     import timm
 
-    from .heads import HEADS, HeadedModel, make_head
+    from .heads import HeadedModel, make_head
 
     if name not in timm.list_models() and not timm.is_model(name):
         raise UserError(

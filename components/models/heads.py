@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HEADS = ("linear", "csra")
+from . import HEADS
+
 CSRA_TEMPERATURES = (1.0, 99.0)  # T >= 99 is max pooling, as in CSRA's code
 
 
