@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -195,53 +196,93 @@ def train_until_first_epoch(env, address, uri, storage, data, run_name, experime
     return proc, run_id, c
 
 
-def test_a_stopped_tune_job_resumes_without_rerunning_finished_trials(local_cluster, tiny_dataset, tmp_path):
-    """`ray job stop` (SIGTERM) mid-sweep leaves no MLflow run RUNNING; `--resume` finishes the
-    sweep without running a finished trial again."""
+def test_a_sweep_killed_then_stopped_resumes_each_time_without_rerunning_finished_trials(
+    local_cluster, tiny_dataset, tmp_path
+):
+    """One 3-trial sweep submitted as a job and interrupted twice, as sweeps are in real use:
+    first its driver is killed outright (SIGKILL: a lost node or the OOM killer; nothing is closed),
+    then `ray job stop` stops the resumed job (SIGTERM), which must leave no MLflow run RUNNING.
+    Each `--resume` job goes on from the saved state: no finished trial runs again, the trials stay
+    nested under one parent with one run each, and the best trial's model is logged."""
+    import mlflow
+
     state, env, _ = local_cluster
     uri, address, storage = "http://127.0.0.1:5056", "http://127.0.0.1:8291", state / "shared"
-    sweep = ["tune", "--data", str(tiny_dataset), "--loss", "ral", "--model", "resnet10t", "--num-samples", "2",
+    sweep = ["tune", "--data", str(tiny_dataset), "--loss", "ral", "--model", "resnet10t", "--num-samples", "3",
              "--max-epochs", "1", "--image-size", "32", "--batch-size", "32", "--num-workers", "1",
              "--tracking-uri", uri, "--storage-path", str(storage), "--name", "cluster-sweep",
              "--experiment", "sweeps"]  # fmt: skip
-    r = run_cli("submit", "--address", address, "--no-wait", "--job-id", "sweep-1", *sweep, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    token_env = {**env, "RAY_AUTH_MODE": "token"}
     c = client(uri)
 
     def runs():
         exp = c.get_experiment_by_name("sweeps")
         return c.search_runs([exp.experiment_id]) if exp else []
 
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not any(
-        x.info.status == "FINISHED" and "ralflow.trial_id" in x.data.tags for x in runs()
-    ):
-        time.sleep(3)
-    finished = {  # trials only: a sweep that got further may also have closed its parent run
-        x.info.run_id: x.info.end_time
-        for x in runs()
-        if x.info.status == "FINISHED" and "ralflow.trial_id" in x.data.tags
-    }
-    ray_cli = str(Path(sys.executable).with_name("ray"))  # `ray job stop`: SIGTERM to the job, as users stop one
-    token_env = {**env, "RAY_AUTH_MODE": "token"}
-    if not finished:
-        logs = subprocess.run([ray_cli, "job", "logs", "--address", address, "sweep-1"], env=token_env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
-        pytest.fail("no trial finished in time; the job's log:\n" + (logs.stdout + logs.stderr)[-4000:])
-    stop = subprocess.run([ray_cli, "job", "stop", "--address", address, "sweep-1"], env=token_env,
+    def finished_trials() -> dict:  # trials only: a sweep that got further may also have closed its parent
+        return {
+            x.info.run_id: x.info.end_time
+            for x in runs()
+            if x.info.status == "FINISHED" and "ralflow.trial_id" in x.data.tags
+        }
+
+    def submit_until_finished(job_id: str, count: int, *extra) -> dict:
+        r = run_cli("submit", "--address", address, "--no-wait", "--job-id", job_id, *sweep, *extra, env=env,
+                    timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and len(finished_trials()) < count:
+            time.sleep(2)
+        done = finished_trials()
+        if len(done) < count:
+            logs = subprocess.run([ray_cli, "job", "logs", "--address", address, job_id], env=token_env,
+                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+            pytest.fail(f"{job_id}: {len(done)} of {count} trials finished in time; its log:\n" + logs.stdout[-4000:])
+        return done
+
+    # 1. SIGKILL to the job's driver and its process group (the job runs its entrypoint in a session)
+    first = submit_until_finished("sweep-1", 1)
+    drivers = processes("workflows.tune .*cluster-sweep")  # the job's shell and its python
+    assert drivers
+    for pgid in {os.getpgid(pid) for pid in drivers}:
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and processes("workflows.tune .*cluster-sweep"):
+        time.sleep(1)
+    # nothing closed the parent run: the resume must take over a run whose driver is gone
+    assert [x.info.status for x in runs() if x.data.tags.get("ralflow.sweep_parent") == "true"] == ["RUNNING"]
+
+    # 2. resumed; stopped with `ray job stop` once one more trial has finished
+    second = submit_until_finished("sweep-2", len(first) + 1, "--resume")
+    for run_id, end_time in first.items():  # the trial finished before the kill was not run again
+        assert second[run_id] == end_time
+    stop = subprocess.run([ray_cli, "job", "stop", "--address", address, "sweep-2"], env=token_env,
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
     time.sleep(5)
     assert [x.info.run_name for x in runs() if x.info.status == "RUNNING"] == []  # everything closed on SIGTERM
 
-    r = run_cli("submit", "--address", address, "--job-id", "sweep-2", *sweep, "--resume", env=env, timeout=900)
+    # 3. resumed to the end
+    r = run_cli("submit", "--address", address, "--job-id", "sweep-3", *sweep, "--resume", env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     after = runs()
     assert [x.info.run_name for x in after if x.info.status == "RUNNING"] == []
-    for run_id, end_time in finished.items():  # finished trials were not run again
+    for run_id, end_time in second.items():  # finished trials were not run again
         assert c.get_run(run_id).info.end_time == end_time
     (parent,) = [x for x in after if x.data.tags.get("ralflow.sweep_parent") == "true"]
-    assert parent.info.status == "FINISHED" and parent.data.params["best.run_id"]
+    children = [x for x in after if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and len({x.data.tags["ralflow.trial_id"] for x in children}) == 3  # nested, one each
+    assert {x.info.run_id for x in after} == {parent.info.run_id, *(x.info.run_id for x in children)}  # no strays
+    assert all(x.info.status == "FINISHED" for x in children), [(x.info.status, x.data.tags) for x in children]
+    assert parent.info.status == "FINISHED" and parent.data.params["best.trial_id"] in {
+        x.data.tags["ralflow.trial_id"] for x in children
+    }
+    assert {a.path for a in c.list_artifacts(parent.info.run_id)} == {"search_space.yaml", "trials.csv", "trials.png"}
+    best_child = c.get_run(parent.data.params["best.run_id"])
+    assert best_child.data.metrics["best_val_mAP"] == pytest.approx(parent.data.metrics["best_val_mAP"], abs=1e-9)
+    mlflow.set_tracking_uri(uri)  # the best trial's model is logged, ready for promotion
+    assert mlflow.pyfunc.load_model(f"runs:/{best_child.info.run_id}/model") is not None
 
 
 def test_a_paused_mlflow_server_then_a_lost_worker_node_leave_one_finished_run(local_cluster, tiny_dataset, tmp_path):
@@ -251,8 +292,6 @@ def test_a_paused_mlflow_server_then_a_lost_worker_node_leave_one_finished_run(l
     CPU the two workers would fill (Ray Data then never runs and the run would wait forever); the
     driver instead continues with fewer CPUs per worker. The run finishes in the same MLflow run,
     with every epoch logged exactly once."""
-    import signal
-
     state, env, _ = local_cluster
     uri, address, storage = "http://127.0.0.1:5056", "http://127.0.0.1:8291", state / "shared"
     spread = tmp_path / "spread.yaml"
