@@ -38,7 +38,7 @@ from .space import apply_sample, load_search_space, to_tune
 @dataclass
 class SweepOptions:
     num_samples: int = setting(8, help="trials")
-    max_epochs: int = setting(5, help="epochs per trial (ASHA's max_t)")
+    max_epochs: int = setting(5, help="epochs per trial (ASHA stops trials that fall behind, before their last epoch)")
     grace_epochs: int = setting(1, help="ASHA grace period in epochs")
     search_space: str | None = setting(None, help="YAML overriding the default search space of the loss")
     max_concurrent: int | None = setting(None, help="concurrent trials (default: what the cluster fits)")
@@ -179,9 +179,32 @@ def check_sweep_folder(resume: bool, storage: str, name: str) -> None:
         )
 
 
+def asha_scheduler(epochs: int, grace_epochs: int):
+    """ASHA over the trials' epochs, its rungs all before the last epoch; None (Tune's default:
+    every trial runs to the end) for trials of one epoch, where there is nothing to stop early.
+
+    A rung at the last epoch would save no training, and Tune stops a trial on the report that
+    ends its last epoch, while the trial still logs its model: the run was then lost as "stopped
+    early after N epochs". ASHA puts rungs at ``grace * 2**k <= max_t``, so ``max_t`` is the
+    epoch before the last. ``stop_last_trials=False``: a trial past the last rung ends by itself.
+    Time is the trial's epoch (reported by its workers, 1-based): a trial resumed from a
+    checkpoint keeps its count, where Tune's training_iteration would start again at 1."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    last_rung = epochs - 1
+    if last_rung < 1:
+        return None
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=last_rung,
+        grace_period=min(grace_epochs, last_rung),
+        reduction_factor=2,
+        stop_last_trials=False,
+    )
+
+
 def build_tuner(cfg: Config, opts: SweepOptions, trainable, space: dict, name: str, concurrent: int, log=print):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
@@ -191,21 +214,13 @@ def build_tuner(cfg: Config, opts: SweepOptions, trainable, space: dict, name: s
         log(f"[tune] resuming sweep from {experiment_path}")
         return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=concurrent)
-    # stop_last_trials=False: a trial that reaches the last epoch ends by itself, so it can log
-    # its model; ASHA stops only the ones that fall behind at a rung. Time is the trial's epoch
-    # (reported by its workers, 1-based): a trial resumed from a checkpoint keeps its count, where
-    # Tune's training_iteration would start again at 1.
-    scheduler = ASHAScheduler(
-        time_attr="epoch",
-        max_t=cfg.train.epochs,
-        grace_period=min(opts.grace_epochs, cfg.train.epochs),
-        reduction_factor=2,
-        stop_last_trials=False,
+    scheduler = asha_scheduler(cfg.train.epochs, opts.grace_epochs)
+    stopping = (
+        f"ASHA over {cfg.train.epochs} epochs (comparing trials before the last)"
+        if scheduler
+        else "1 epoch each, none stopped early"
     )
-    log(
-        f"[tune] {opts.num_samples} trials, up to {concurrent} at a time, ASHA over {cfg.train.epochs} epochs, "
-        f"searching {', '.join(space)}"
-    )
+    log(f"[tune] {opts.num_samples} trials, up to {concurrent} at a time, {stopping}, searching {', '.join(space)}")
     return tune.Tuner(
         trainable,
         param_space=to_tune(space),
