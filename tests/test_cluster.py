@@ -256,7 +256,7 @@ def test_a_sweep_killed_then_stopped_resumes_each_time_without_rerunning_finishe
     # 2. resumed; stopped with `ray job stop` once one more trial has finished
     second = submit_until_finished("sweep-2", len(first) + 1, "--resume")
     for run_id, end_time in first.items():  # the trial finished before the kill was not run again
-        assert second[run_id] == end_time
+        assert second.get(run_id) == end_time, c.get_run(run_id).info
     stop = subprocess.run([ray_cli, "job", "stop", "--address", address, "sweep-2"], env=token_env,
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
