@@ -274,9 +274,10 @@ def test_a_fit_stopped_on_purpose_leaves_its_run_to_the_caller(tmp_path, monkeyp
 
 @pytest.mark.parametrize("epochs", [1, 2, 3, 4, 8])
 def test_asha_stops_trials_that_fall_behind_but_never_at_their_last_epoch(epochs):
-    """A stop on the report that ends a trial's last epoch saves nothing and cuts the trial off
-    while it logs its model (a real 3-trial sweep of 1 epoch lost one so). Of three trials, one
-    falls behind from the start (ASHA stops it early) and one only in its last epoch (it runs on)."""
+    """A stop on the report that ends a trial's last epoch saves no training and cuts the trial
+    off while it logs its model (in a real 3-trial sweep of 1 epoch, such a trial was recorded as
+    stopped early). Of three trials, one falls behind from the start (ASHA stops it early) and one
+    only in its last epoch (it runs on)."""
     from ray.tune.schedulers import TrialScheduler
 
     from components.tune.sweep import asha_scheduler

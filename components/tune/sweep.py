@@ -184,9 +184,10 @@ def asha_scheduler(epochs: int, grace_epochs: int):
     every trial runs to the end) for trials of one epoch, where there is nothing to stop early.
 
     A rung at the last epoch would save no training, and Tune stops a trial on the report that
-    ends its last epoch, while the trial still logs its model: the run was then lost as "stopped
-    early after N epochs". ASHA puts rungs at ``grace * 2**k <= max_t``, so ``max_t`` is the
-    epoch before the last. ``stop_last_trials=False``: a trial past the last rung ends by itself.
+    ends its last epoch, while the trial still logs its model: a trial that had trained every epoch
+    was then recorded as KILLED, "stopped early by ASHA after N epoch(s)". ASHA puts rungs at
+    ``grace * 2**k <= max_t``, so ``max_t`` is the epoch before the last.
+    ``stop_last_trials=False``: a trial past the last rung ends by itself.
     Time is the trial's epoch (reported by its workers, 1-based): a trial resumed from a
     checkpoint keeps its count, where Tune's training_iteration would start again at 1."""
     from ray.tune.schedulers import ASHAScheduler
