@@ -234,7 +234,10 @@ def test_a_sweep_killed_then_stopped_resumes_each_time_without_rerunning_finishe
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and len(finished_trials()) < count:
             time.sleep(2)
-        done = finished_trials()
+        done = {  # each finished trial's end and how many epochs it logged: neither may change later
+            run_id: (end_time, len(c.get_metric_history(run_id, "val_mAP")))
+            for run_id, end_time in finished_trials().items()
+        }
         if len(done) < count:
             logs = subprocess.run([ray_cli, "job", "logs", "--address", address, job_id], env=token_env,
                                   capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -255,8 +258,8 @@ def test_a_sweep_killed_then_stopped_resumes_each_time_without_rerunning_finishe
 
     # 2. resumed; stopped with `ray job stop` once one more trial has finished
     second = submit_until_finished("sweep-2", len(first) + 1, "--resume")
-    for run_id, end_time in first.items():  # the trial finished before the kill was not run again
-        assert second.get(run_id) == end_time, c.get_run(run_id).info
+    for run_id, finished in first.items():  # the trial finished before the kill was not run again
+        assert second.get(run_id) == finished, c.get_run(run_id).info
     stop = subprocess.run([ray_cli, "job", "stop", "--address", address, "sweep-2"], env=token_env,
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
@@ -268,9 +271,12 @@ def test_a_sweep_killed_then_stopped_resumes_each_time_without_rerunning_finishe
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     after = runs()
     assert [x.info.run_name for x in after if x.info.status == "RUNNING"] == []
-    for run_id, end_time in second.items():  # finished trials were not run again
+    for run_id, (end_time, epochs) in second.items():  # finished trials were not run again
         assert c.get_run(run_id).info.end_time == end_time
+        assert len(c.get_metric_history(run_id, "val_mAP")) == epochs
     (parent,) = [x for x in after if x.data.tags.get("ralflow.sweep_parent") == "true"]
+    assert re.search(r"parent run id: (\w+)", r.stdout).group(1) == parent.info.run_id
+    assert re.search(r"best trial: \w+ val mAP [\d.]+ run \w+", r.stdout), r.stdout[-3000:]
     children = [x for x in after if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 3 and len({x.data.tags["ralflow.trial_id"] for x in children}) == 3  # nested, one each
     assert {x.info.run_id for x in after} == {parent.info.run_id, *(x.info.run_id for x in children)}  # no strays

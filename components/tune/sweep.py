@@ -218,7 +218,7 @@ def build_tuner(cfg: Config, opts: SweepOptions, trainable, space: dict, name: s
     scheduler = asha_scheduler(cfg.train.epochs, opts.grace_epochs)
     stopping = (
         f"ASHA over {cfg.train.epochs} epochs (comparing trials before the last)"
-        if scheduler
+        if scheduler is not None
         else "1 epoch each, none stopped early"
     )
     log(f"[tune] {opts.num_samples} trials, up to {concurrent} at a time, {stopping}, searching {', '.join(space)}")
