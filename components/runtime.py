@@ -146,6 +146,42 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
 
 
 @contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C and SIGTERM back in the block; yields ``deliver``, which puts the handlers back
+    and delivers what was held (KeyboardInterrupt, or ``Terminated`` from the CLI's handler).
+    The block's end delivers what is still held. For a step that must not be cut in two, such as
+    creating an MLflow run: call ``deliver`` once the caller can close the run, so an interrupt
+    never leaves it RUNNING. Outside the main thread (a Tune trial) Python runs no signal
+    handlers: nothing is held."""
+    import signal
+    import threading
+
+    signums = (signal.SIGINT, signal.SIGTERM)
+    # a handler set outside Python (getsignal: None) could not be put back
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, signums):
+        yield lambda: None
+        return
+    held: list[int] = []
+    before = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in signums}
+    restored = False
+
+    def deliver() -> None:
+        nonlocal restored
+        if restored:
+            return
+        restored = True
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        if held:  # the handler the process had (a default one ends it, as the signal would have)
+            signal.raise_signal(held[0])
+
+    try:
+        yield deliver
+    finally:
+        deliver()
+
+
+@contextlib.contextmanager
 def own_sigterm_handler():
     """Keep the caller's SIGTERM handler: ``ray.init`` installs one that exits the driver at once
     (``sys.exit(15)``), before the runs in progress can be closed."""

@@ -250,6 +250,54 @@ def test_a_failed_or_interrupted_fit_ends_the_run_with_its_reason(tmp_path, monk
         assert got.info.status == status and got.data.tags["ralflow.end_reason"] == reason
 
 
+@pytest.mark.parametrize("what", ["train", "sweep"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(dataset, tmp_path, monkeypatch, what, sig):
+    """Seen in CI: Ctrl-C as soon as a training run appeared in MLflow left it RUNNING; the signal
+    had landed while the run was being created, before anything could close it. Here the signal
+    arrives just after MLflow wrote the run (training's run or a sweep's parent) and before the
+    call that creates it returns."""
+    import signal
+
+    import components.runtime as runtime
+    import components.train.trainer as trainer
+    import components.tune.sweep as sweep
+    from workflows.cli import Terminated, raise_terminated
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(None, {"data": {"path": str(dataset), "image_size": 32}, "model": {"name": "resnet10t"},
+                             "tracking": {"tracking_uri": uri, "storage_path": str(tmp_path / "runs")}})  # fmt: skip
+    create = TrackedRun.create.__func__
+
+    def create_then_signal(cls, *args, **kwargs):
+        run = create(cls, *args, **kwargs)
+        signal.raise_signal(getattr(signal, sig))
+        return run
+
+    monkeypatch.setattr(TrackedRun, "create", classmethod(create_then_signal))
+    before = signal.signal(signal.SIGTERM, raise_terminated)  # as `ralflow` sets it
+    try:
+        with pytest.raises(Terminated if sig == "SIGTERM" else KeyboardInterrupt):
+            if what == "train":
+                manifest = trainer.load_dataset(cfg, log=lambda *_: None)
+                with trainer.opened_run(cfg, manifest, log=lambda *_: None):
+                    pytest.fail("the block must not start: the held signal is delivered first")
+            else:
+                for module, name in ((runtime, "init_ray"), (runtime, "check_shared_path"),
+                                     (sweep, "trials_per_cluster"), (sweep, "check_resources")):  # fmt: skip
+                    monkeypatch.setattr(module, name, lambda *a, **k: 1)  # no Ray: what it would say, it fits
+                sweep.run_sweep(cfg, sweep.SweepOptions(num_samples=1, max_epochs=1, name="s"), log=lambda *_: None)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    import mlflow
+
+    c = mlflow.MlflowClient(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])
+    reason = "terminated (SIGTERM)" if sig == "SIGTERM" else "interrupted"
+    assert (run.info.status, run.data.tags["ralflow.end_reason"]) == ("KILLED", reason)
+
+
 def test_a_fit_stopped_on_purpose_leaves_its_run_to_the_caller(tmp_path, monkeypatch):
     """A Tune trial that Tune stops fails on its way out (its Train controller dies with it): that
     failure is not written, the sweep closes the run. Outside a Tune session nothing is stopping."""

@@ -228,15 +228,13 @@ def test_a_tune_trial_applies_the_embedded_ray_data_setting_before_building_its_
     class Stop(Exception):
         pass
 
-    def open_run(
-        cfg, manifest, say, extra_tags, storage_dir
-    ):  # the step before the trial builds its trainer and datasets
+    def opened_run(cfg, manifest, say, extra_tags, storage_dir, stopping):  # before the trainer and datasets
         seen["reservation"] = DataContext.get_current().op_resource_reservation_enabled
         seen["run_name"] = cfg.tracking.run_name
         seen["lamb"] = cfg.loss.params["lamb"]
         raise Stop
 
-    monkeypatch.setattr(sweep, "open_run", open_run)
+    monkeypatch.setattr(sweep, "opened_run", opened_run)
     monkeypatch.setattr(ray.tune, "get_context", lambda: types.SimpleNamespace(get_trial_id=lambda: "t0001"))
     base = load_config(None, {"tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}})
     trial = sweep.make_trial_fn(base, None, "parent", "sweep-x", "/tmp/unused", local_data=local_data)

@@ -60,10 +60,21 @@ def storage_dir_of(cfg: Config, storage_path: str | None = None, name: str | Non
     return f"{storage_path or cfg.tracking.storage_path}/{name or cfg.tracking.run_name}"
 
 
-def open_run(
-    cfg: Config, manifest: Manifest, log=print, extra_tags: dict | None = None, storage_dir: str | None = None
-) -> TrackedRun:
-    """The MLflow run of this config (resumed when it exists), with params, config and manifest."""
+@contextlib.contextmanager
+def opened_run(
+    cfg: Config,
+    manifest: Manifest,
+    log=print,
+    extra_tags: dict | None = None,
+    storage_dir: str | None = None,
+    stopping=None,
+):
+    """The MLflow run of this config (resumed when it exists), with params, config and manifest
+    logged. From the moment the run exists a failure or an interrupt, in the block or while the
+    params are logged, ends it saying why (``run_ends_if_this_fails``); Ctrl-C or SIGTERM while
+    MLflow creates it are held back until then, so they never leave a run RUNNING."""
+    from ..runtime import interrupts_held
+
     uri = cfg.tracking.tracking_uri
     check_tracking_uri(uri)
     log(f"[train] MLflow tracking URI: {uri}   (browse: mlflow ui --backend-store-uri {uri})")
@@ -75,26 +86,31 @@ def open_run(
     tags = {**identity, "ralflow.loss": cfg.loss.name, "ralflow.model": cfg.model.name}
     if commit := git_commit():
         tags["ralflow.git_commit"] = commit
-    run = TrackedRun.open(uri, cfg.tracking.experiment, cfg.tracking.run_name, {**tags, **(extra_tags or {})}, identity)
-    log(
-        f"[train] MLflow run {run.run_id} ({'resumed' if run.resumed else 'new'}) "
-        f"in experiment '{cfg.tracking.experiment}'"
-    )
-    params = cfg.flat()
-    params.pop("train.fail_at_epoch", None)
-    params["dataset.sha256"] = manifest.dataset_sha256
-    params["dataset.num_train"] = manifest.split("train").num_images
-    params["dataset.num_val"] = manifest.split("val").num_images
-    run.log_params(params)
-    if not run.resumed:
-        import json
-        import tempfile
+    with interrupts_held() as deliver:
+        run = TrackedRun.open(
+            uri, cfg.tracking.experiment, cfg.tracking.run_name, {**tags, **(extra_tags or {})}, identity
+        )
+        with run_ends_if_this_fails(run, log, stopping):
+            deliver()  # an interrupt held while the run was created ends it here, KILLED
+            log(
+                f"[train] MLflow run {run.run_id} ({'resumed' if run.resumed else 'new'}) "
+                f"in experiment '{cfg.tracking.experiment}'"
+            )
+            params = cfg.flat()
+            params.pop("train.fail_at_epoch", None)
+            params["dataset.sha256"] = manifest.dataset_sha256
+            params["dataset.num_train"] = manifest.split("train").num_images
+            params["dataset.num_val"] = manifest.split("val").num_images
+            run.log_params(params)
+            if not run.resumed:
+                import json
+                import tempfile
 
-        with tempfile.TemporaryDirectory() as tmp:
-            save_yaml(cfg, Path(tmp) / "config.yaml")
-            run.log_file(Path(tmp) / "config.yaml")
-        run.log_files({"manifest.json": json.dumps(manifest.to_dict(), indent=2)}, "dataset")
-    return run
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_yaml(cfg, Path(tmp) / "config.yaml")
+                    run.log_file(Path(tmp) / "config.yaml")
+                run.log_files({"manifest.json": json.dumps(manifest.to_dict(), indent=2)}, "dataset")
+            yield run
 
 
 def build_trainer(job: TrainJob, callbacks=None, storage_path: str | None = None, name: str | None = None):
@@ -502,8 +518,7 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     if (sqlite_dir := sqlite_folder(cfg.tracking.tracking_uri)) is not None:
         check_shared_path(str(sqlite_dir), "the SQLite tracking store in", field="tracking.tracking_uri")
     init = load_init_weights(cfg, manifest, log)
-    run = open_run(cfg, manifest, log, extra_tags=init.tags(cfg.train.head_only) if init else None)
-    with run_ends_if_this_fails(run, log):  # from here on, Ctrl-C or a failure ends the run saying why
+    with opened_run(cfg, manifest, log, extra_tags=init.tags(cfg.train.head_only) if init else None) as run:
         run.hold()  # a second `train` of this run name is refused while this one lives
         job = make_job(cfg, manifest, run, init=init, log=log)
         prestart_data_workers(cfg, manifest)

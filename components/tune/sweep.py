@@ -28,7 +28,7 @@ from ..train.trainer import (
     load_dataset,
     load_init_weights,
     make_job,
-    open_run,
+    opened_run,
     storage_dir_of,
 )
 from .report import trials_csv, trials_plot, trials_table
@@ -100,8 +100,9 @@ def make_trial_fn(
         tags = {**(init.tags(cfg.train.head_only) if init else {}), "mlflow.parentRunId": parent_run_id,
                 "ralflow.sweep": sweep, "ralflow.trial_id": trial_id}  # fmt: skip
         trials_storage = f"{storage}/{sweep}-trials"
-        run = open_run(cfg, manifest, say, extra_tags=tags, storage_dir=storage_dir_of(cfg, trials_storage, trial_id))
-        job = make_job(cfg, manifest, run, storage_path=trials_storage, name=trial_id, init=init, log=say)
+        storage_dir = storage_dir_of(cfg, trials_storage, trial_id)
+        with opened_run(cfg, manifest, say, tags, storage_dir, tune_is_stopping) as run:
+            job = make_job(cfg, manifest, run, storage_path=trials_storage, name=trial_id, init=init, log=say)
         fit_and_log(
             job, say, tune_is_stopping, callbacks=[TuneReportCallback()], storage_path=trials_storage, name=trial_id
         )
@@ -246,7 +247,7 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
     import yaml
     from ray import tune
 
-    from ..runtime import check_shared_path, embedded_ray, init_ray
+    from ..runtime import check_shared_path, embedded_ray, init_ray, interrupts_held
 
     if opts.num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {opts.num_samples}", field="num_samples")
@@ -267,53 +268,55 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
     init_ray(address, log=log)
     check_resources(cfg, log)
     check_shared_path(storage, "tracking.storage_path", field="tracking.storage_path")
-    parent = TrackedRun.open(uri, cfg.tracking.experiment, name, {**tags, **identity}, identity)
-    parent.hold()  # `tune --resume` elsewhere is refused while this sweep lives
-    log(
-        f"[tune] sweep '{name}': MLflow parent run {parent.run_id} ({'resumed' if parent.resumed else 'new'}); "
-        f"tracking {uri}; storage {storage}/{name}"
-    )
-    try:
-        if not parent.resumed:
-            parent.log_files({"search_space.yaml": yaml.safe_dump({cfg.loss.name: space}, sort_keys=False)})
-            parent.log_params(
-                {
-                    "num_samples": opts.num_samples,
-                    "max_epochs": cfg.train.epochs,
-                    "loss": cfg.loss.name,
-                    "model": cfg.model.name,
-                    "dataset.sha256": manifest.dataset_sha256,
-                }
+    with interrupts_held() as deliver:  # Ctrl-C never leaves the parent run RUNNING
+        parent = TrackedRun.open(uri, cfg.tracking.experiment, name, {**tags, **identity}, identity)
+        try:
+            deliver()  # an interrupt held while the parent run was created lands here and closes it
+            parent.hold()  # `tune --resume` elsewhere is refused while this sweep lives
+            log(
+                f"[tune] sweep '{name}': MLflow parent run {parent.run_id} "
+                f"({'resumed' if parent.resumed else 'new'}); tracking {uri}; storage {storage}/{name}"
             )
-        concurrent = min(opts.max_concurrent or trials_per_cluster(cfg), opts.num_samples)
-        base = copy.deepcopy(cfg)
-        base.tracking.run_name = None
-        trial = make_trial_fn(base, manifest, parent.run_id, name, storage, local_data=embedded_ray())
-        # The trial function only drives its TorchTrainer: a token CPU share; the workers ask for their own.
-        tuner = build_tuner(cfg, opts, tune.with_resources(trial, {"CPU": 0.01}), space, name, concurrent, log)
-        # Tune's own SIGINT handler stops "gracefully" and returns as if the sweep had ended; ralflow
-        # lets the interrupt through instead and closes the runs (the state Tune saved resumes).
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        results = tuner.fit()
-    except KeyboardInterrupt as exc:
-        import time
+            if not parent.resumed:
+                parent.log_files({"search_space.yaml": yaml.safe_dump({cfg.loss.name: space}, sort_keys=False)})
+                parent.log_params(
+                    {
+                        "num_samples": opts.num_samples,
+                        "max_epochs": cfg.train.epochs,
+                        "loss": cfg.loss.name,
+                        "model": cfg.model.name,
+                        "dataset.sha256": manifest.dataset_sha256,
+                    }
+                )
+            concurrent = min(opts.max_concurrent or trials_per_cluster(cfg), opts.num_samples)
+            base = copy.deepcopy(cfg)
+            base.tracking.run_name = None
+            trial = make_trial_fn(base, manifest, parent.run_id, name, storage, local_data=embedded_ray())
+            # The trial function only drives its TorchTrainer: a token CPU share; the workers ask for their own.
+            tuner = build_tuner(cfg, opts, tune.with_resources(trial, {"CPU": 0.01}), space, name, concurrent, log)
+            # Tune's own SIGINT handler stops "gracefully" and returns as if the sweep had ended; ralflow
+            # lets the interrupt through instead and closes the runs (the state Tune saved resumes).
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            results = tuner.fit()
+        except KeyboardInterrupt as exc:
+            import time
 
-        import ray
+            import ray
 
-        reason = str(exc) or "interrupted"
-        close_running_trials(parent, name, f"sweep {reason}")
-        parent.finish("KILLED", reason)
-        # A trial starting just now opens its run in its own process, after the pass above: stop
-        # the job's trials (disconnecting ends them), then close what they opened.
-        ray.shutdown()
-        time.sleep(3)
-        close_running_trials(parent, name, f"sweep {reason}")
-        raise
-    except BaseException as exc:
-        reason = f"sweep failed: {first_line(exc)}"
-        close_running_trials(parent, name, reason)
-        parent.finish("FAILED", reason)
-        raise
+            reason = str(exc) or "interrupted"
+            close_running_trials(parent, name, f"sweep {reason}")
+            parent.finish("KILLED", reason)
+            # A trial starting just now opens its run in its own process, after the pass above: stop
+            # the job's trials (disconnecting ends them), then close what they opened.
+            ray.shutdown()
+            time.sleep(3)
+            close_running_trials(parent, name, f"sweep {reason}")
+            raise
+        except BaseException as exc:
+            reason = f"sweep failed: {first_line(exc)}"
+            close_running_trials(parent, name, reason)
+            parent.finish("FAILED", reason)
+            raise
     rows = trials_table(results, name, parent.client, parent.get().info.experiment_id)
     close_trial_runs(rows, uri)
     finished = [
