@@ -278,11 +278,18 @@ def test_a_sweep_killed_then_stopped_resumes_each_time_without_rerunning_finishe
     assert re.search(r"parent run id: (\w+)", r.stdout).group(1) == parent.info.run_id
     assert re.search(r"best trial: \w+ val mAP [\d.]+ run \w+", r.stdout), r.stdout[-3000:]
     children = [x for x in after if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 3 and len({x.data.tags["ralflow.trial_id"] for x in children}) == 3  # nested, one each
+    seen = [(x.info.run_name, x.info.status, x.data.tags.get("ralflow.trial_lost")) for x in children]
+    # A trial started in the seconds between Tune's last save and a kill is unknown to the resumed
+    # sweep, which runs a new one in its place: the lost trial's run is tagged, closed, not counted.
+    lost = [x for x in children if x.data.tags.get("ralflow.trial_lost") == "true"]
+    trials = [x for x in children if x not in lost]
+    assert len(trials) == 3 and len({x.data.tags["ralflow.trial_id"] for x in trials}) == 3, seen  # one run each
+    assert len(lost) <= 2 and all(x.info.status in ("KILLED", "FINISHED") for x in lost), seen  # one per kill
+    assert all(x.info.run_name in r.stdout for x in lost), r.stdout[-3000:]  # the sweep said which
     assert {x.info.run_id for x in after} == {parent.info.run_id, *(x.info.run_id for x in children)}  # no strays
-    assert all(x.info.status == "FINISHED" for x in children), [(x.info.status, x.data.tags) for x in children]
+    assert all(x.info.status == "FINISHED" for x in trials), [(x.info.status, x.data.tags) for x in trials]
     assert parent.info.status == "FINISHED" and parent.data.params["best.trial_id"] in {
-        x.data.tags["ralflow.trial_id"] for x in children
+        x.data.tags["ralflow.trial_id"] for x in trials
     }
     assert {a.path for a in c.list_artifacts(parent.info.run_id)} == {"search_space.yaml", "trials.csv", "trials.png"}
     best_child = c.get_run(parent.data.params["best.run_id"])

@@ -375,6 +375,39 @@ def test_a_sweep_ends_its_trial_runs_by_tunes_verdict(tmp_path):
         assert ("ralflow.stopped_early" in got.data.tags) == name.startswith("stopped"), name
 
 
+def test_runs_of_trials_tune_lost_are_tagged_ended_and_not_counted(tmp_path):
+    """Seen on the 2-node cluster: a sweep killed outright just after a trial started, before Tune
+    saved its state; the resumed sweep ran a new trial in its place and the experiment had four
+    child runs for three trials. Runs of trials Tune does not know are tagged and closed; Tune's
+    own trials, and another sweep's, are left alone."""
+    from components.tune.sweep import LOST_TAG, set_apart_lost_trials
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = TrackedRun.create(uri, "ralflow", "s", {"ralflow.sweep_parent": "true"})
+    runs = {}
+    for sweep, trial_id, status in (("s", "t1", "FINISHED"), ("s", "t2", "RUNNING"), ("s", "gone1", "RUNNING"),
+                                    ("s", "gone2", "FINISHED"), ("other", "t9", "RUNNING")):  # fmt: skip
+        tags = {"ralflow.sweep": sweep, "ralflow.trial_id": trial_id, "mlflow.parentRunId": parent.run_id}
+        runs[trial_id] = run = TrackedRun.create(uri, "ralflow", f"{sweep}-{trial_id}", tags)
+        if status != "RUNNING":
+            run.finish(status)
+    said = []
+    lost = set_apart_lost_trials(parent, "s", {"t1", "t2"}, said.append)
+    assert sorted(lost) == ["s-gone1", "s-gone2"]
+    assert said and "s-gone1" in said[0] and "s-gone2" in said[0]
+    for trial_id, status, reason, tagged in (
+        ("t1", "FINISHED", None, False),
+        ("t2", "RUNNING", None, False),  # a trial of this sweep still going: the sweep ends it
+        ("gone1", "KILLED", "trial lost: the sweep was killed before Tune saved it", True),
+        ("gone2", "FINISHED", None, True),  # its result is kept, but it is not one of the sweep's trials
+        ("t9", "RUNNING", None, False),
+    ):
+        got = runs[trial_id].get()
+        assert (got.info.status, got.data.tags.get("ralflow.end_reason")) == (status, reason), trial_id
+        assert (got.data.tags.get(LOST_TAG) == "true") == tagged, trial_id
+    assert set_apart_lost_trials(parent, "s", {"t1", "t2", "gone1", "gone2"}, said.append) == []
+
+
 def test_a_stale_ray_snapshot_is_set_aside_not_fatal(tmp_path):
     from components.train.checkpoints import RAY_SNAPSHOT, set_aside_stale_ray_snapshot
 

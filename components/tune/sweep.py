@@ -143,6 +143,34 @@ def close_trial_runs(rows: list[dict], tracking_uri: str) -> None:
             run.finish("KILLED", f"stopped early by ASHA after {row['epochs']} epoch(s)")
 
 
+LOST_TAG = "ralflow.trial_lost"
+
+
+def set_apart_lost_trials(parent: TrackedRun, sweep: str, known: set[str], log=print) -> list[str]:
+    """Tag the child runs of trials Tune does not know, and end them if still open; returns their
+    run names. Tune saves the sweep's state every 10 s or more: a trial that started after the last
+    save and before the sweep was killed outright (SIGKILL, a lost head node) is not in the state
+    ``--resume`` restores, and the searcher samples a new trial in its place. The lost trial's run
+    is kept, tagged ``ralflow.trial_lost``, and counted nowhere (not in trials.csv, not a best
+    trial)."""
+    children = parent.client.search_runs(
+        [parent.get().info.experiment_id], filter_string=f"tags.`ralflow.sweep` = '{sweep}'"
+    )
+    lost = [x for x in children if x.data.tags.get("ralflow.trial_id") not in known]
+    for x in lost:
+        run = TrackedRun(parent.tracking_uri, x.info.run_id)
+        run.set_tags({LOST_TAG: "true"})
+        if x.info.status == "RUNNING":
+            run.finish("KILLED", "trial lost: the sweep was killed before Tune saved it")
+    if lost:
+        log(
+            f"[tune] {len(lost)} trial run(s) of trials Tune had not saved when the sweep was killed, "
+            f"tagged {LOST_TAG} and not counted (new trials ran in their place): "
+            + ", ".join(x.info.run_name for x in lost)
+        )
+    return [x.info.run_name for x in lost]
+
+
 def close_running_trials(parent: TrackedRun, sweep: str, reason: str) -> None:
     running = parent.client.search_runs(
         [parent.get().info.experiment_id],
@@ -319,6 +347,7 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
             raise
     rows = trials_table(results, name, parent.client, parent.get().info.experiment_id)
     close_trial_runs(rows, uri)
+    set_apart_lost_trials(parent, name, {r["trial_id"] for r in rows}, log)
     finished = [
         r
         for r in rows
