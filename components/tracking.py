@@ -176,6 +176,7 @@ class TrackedRun:
         self.tracking_uri, self.run_id, self.resumed = tracking_uri, run_id, resumed
         self._client = None
         self._heartbeat = None  # set while this process holds the run (see hold)
+        self.ended: str | None = None  # the status this process ended it with
 
     def __getstate__(self) -> dict:  # the client holds connections: each process opens its own
         return {**self.__dict__, "_client": None, "_heartbeat": None}
@@ -383,6 +384,7 @@ class TrackedRun:
         if reason:
             self.client.set_tag(self.run_id, END_REASON_TAG, reason[:5000])
         self.client.set_terminated(self.run_id, status)
+        self.ended = status
 
 
 class ModelRegistry:

@@ -221,6 +221,7 @@ def test_a_fit_that_failed_because_a_node_left_continues_with_fewer_cpus(tmp_pat
     assert "0.5 -> 0.25" in run.get().data.tags["ralflow.rescaled"]
     fits.clear()
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # it fits: not why it failed
+    run = TrackedRun(run.tracking_uri, run.run_id)  # the run reopened (the one above ended KILLED)
     with pytest.raises(RuntimeError, match="worker group failed"):
         trainer.fit_and_log(trainer.TrainJob(cfg, None, run, str(tmp_path), False), log=said.append)
     assert fits == [0.5] and run.get().info.status == "FAILED"
@@ -296,6 +297,21 @@ def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(dataset,
     (run,) = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])
     reason = "terminated (SIGTERM)" if sig == "SIGTERM" else "interrupted"
     assert (run.info.status, run.data.tags["ralflow.end_reason"]) == ("KILLED", reason)
+
+
+def test_a_run_already_ended_inside_is_left_as_it_ended(tmp_path):
+    """`ralflow train` guards its run from creation to the end, around the fit's own guard: the
+    outer guard must not end again a run that the inner one, or the finished post-fit path, ended."""
+    from components.train.trainer import run_ends_if_this_fails
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for inner, status, reason in (("FINISHED", "FINISHED", None), ("KILLED", "KILLED", "interrupted")):
+        run = TrackedRun.create(uri, "ralflow", f"r-{inner}")
+        with pytest.raises(RuntimeError), run_ends_if_this_fails(run, log=lambda *_: None):
+            run.finish(inner, reason)
+            raise RuntimeError("after the run ended")
+        got = run.get()
+        assert (got.info.status, got.data.tags.get("ralflow.end_reason")) == (status, reason)
 
 
 def test_a_fit_stopped_on_purpose_leaves_its_run_to_the_caller(tmp_path, monkeypatch):

@@ -323,17 +323,19 @@ def fit_interruptibly(trainer):
 @contextlib.contextmanager
 def run_ends_if_this_fails(run: TrackedRun, log=print, stopping=None):
     """A failure in the block ends ``run`` FAILED, or KILLED when interrupted or terminated, with
-    the reason, and is raised on. ``stopping``: whether a failure is only the caller stopping the
-    run on purpose (Tune stopping a trial); the run is then left for the caller to close."""
+    the reason, and is raised on; a run already ended (by a guard inside) is left as it is.
+    ``stopping``: whether a failure is only the caller stopping the run on purpose (Tune stopping
+    a trial); the run is then left for the caller to close."""
     try:
         yield
     except KeyboardInterrupt as exc:
-        run.finish("KILLED", str(exc) or "interrupted")
+        if run.ended is None:
+            run.finish("KILLED", str(exc) or "interrupted")
         raise
     except BaseException as exc:
-        if stopping is not None and stopping():
+        if run.ended is None and stopping is not None and stopping():
             log(f"[train] stopped on purpose ({first_line(exc)}); the run is left for the caller to close")
-        else:
+        elif run.ended is None:
             run.finish("FAILED", f"training failed: {first_line(exc)}")
         raise
 
@@ -518,8 +520,9 @@ def run_training(cfg: Config, address: str | None = None, log=print) -> dict:
     if (sqlite_dir := sqlite_folder(cfg.tracking.tracking_uri)) is not None:
         check_shared_path(str(sqlite_dir), "the SQLite tracking store in", field="tracking.tracking_uri")
     init = load_init_weights(cfg, manifest, log)
+    # from the moment the run exists to its end, Ctrl-C or a failure ends it saying why
     with opened_run(cfg, manifest, log, extra_tags=init.tags(cfg.train.head_only) if init else None) as run:
         run.hold()  # a second `train` of this run name is refused while this one lives
         job = make_job(cfg, manifest, run, init=init, log=log)
         prestart_data_workers(cfg, manifest)
-    return fit_and_log(job, log)
+        return fit_and_log(job, log)
