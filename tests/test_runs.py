@@ -520,6 +520,42 @@ def test_a_refused_sweep_leaves_its_run_as_it_was_and_one_that_fails_to_start_en
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
+def test_a_sweep_that_fails_after_its_trials_ends_its_parent_with_the_reason(dataset, tmp_path, monkeypatch):
+    """What follows `tuner.fit()` (each trial's verdict, the best trial, the parent's artifacts) is
+    inside the sweep's guard: a failure there ends the parent FAILED (it stayed RUNNING), and a
+    sweep where no trial finished keeps the reason it ended with."""
+    import types
+
+    import mlflow
+
+    import components.runtime as runtime
+    import components.tune.sweep as sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(None, {"data": {"path": str(dataset), "image_size": 32}, "model": {"name": "resnet10t"},
+                             "tracking": {"tracking_uri": uri, "storage_path": str(tmp_path / "runs")}})  # fmt: skip
+    for module, name in ((runtime, "init_ray"), (runtime, "check_shared_path"), (sweep, "trials_per_cluster"),
+                         (sweep, "check_resources")):  # fmt: skip
+        monkeypatch.setattr(module, name, lambda *a, **k: 1)  # no Ray here: what it would say, it fits
+    monkeypatch.setattr(sweep, "build_tuner", lambda *a, **k: types.SimpleNamespace(fit=lambda: []))
+
+    def unreadable(*args):
+        raise RuntimeError("the trials' results could not be read")
+
+    c = mlflow.MlflowClient(uri)
+    for name, table, error, reason in (
+        ("broken", unreadable, RuntimeError, "sweep failed: RuntimeError: the trials' results could not be read"),
+        ("none", lambda *a: [], UserError, "no trial finished with a logged model (none finished)"),
+    ):
+        monkeypatch.setattr(sweep, "trials_table", table)
+        with pytest.raises(error):
+            sweep.run_sweep(cfg, sweep.SweepOptions(num_samples=1, max_epochs=1, name=name), log=lambda *_: None)
+        (parent,) = c.search_runs(
+            [c.get_experiment_by_name("ralflow").experiment_id], f"tags.`ralflow.run_name` = '{name}'"
+        )
+        assert (parent.info.status, parent.data.tags["ralflow.end_reason"]) == ("FAILED", reason)
+
+
 def test_a_run_whose_driver_lives_is_not_taken_over(tmp_path):
     """Seen: two `ralflow train` of the same run name at once (a job submitted twice; two people with
     the default, config-hashed name) both trained into one MLflow run and one checkpoint folder. A

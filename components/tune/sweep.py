@@ -266,12 +266,55 @@ def build_tuner(cfg: Config, opts: SweepOptions, trainable, space: dict, name: s
     )
 
 
-def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=print) -> dict:
-    """The whole sweep; returns the parent run id, the best trial (one with a logged model) and
-    every trial's row."""
+def finish_sweep(parent: TrackedRun, results, name: str, space: dict, log=print) -> dict:
+    """After ``tuner.fit()``: each trial's run ended by Tune's verdict, lost trials set apart, the
+    best trial with a logged model chosen, and the parent's table, chart and best params logged.
+    Returns the parent run id, the best trial and every trial's row."""
     import tempfile
     from pathlib import Path
 
+    uri = parent.tracking_uri
+    rows = trials_table(results, name, parent.client, parent.get().info.experiment_id)
+    close_trial_runs(rows, uri)
+    set_apart_lost_trials(parent, name, {r["trial_id"] for r in rows}, log)
+    finished = [
+        r
+        for r in rows
+        if r["status"] == "ok"
+        and r["run_id"]
+        and not math.isnan(r["best_val_mAP"])
+        and TrackedRun(uri, r["run_id"]).get().info.status == "FINISHED"
+    ]
+    if not finished:
+        errors = "; ".join(sorted({r["error"] for r in rows if r.get("error")})) or "none finished"
+        parent.finish("FAILED", f"no trial finished with a logged model ({errors})")
+        raise UserError(f"no trial finished with a logged model; trial errors: {errors}")
+    best = max(finished, key=lambda r: r["best_val_mAP"])
+    best_params = {k: best[k] for k in space}
+    with tempfile.TemporaryDirectory() as tmp:
+        trials_plot(rows, list(space), Path(tmp) / "trials.png", f"{name}: {len(rows)} trials")
+        parent.log_file(Path(tmp) / "trials.png")
+    parent.log_files({"trials.csv": trials_csv(rows)})
+    parent.log_params(
+        {f"best.{k}": v for k, v in best_params.items()}
+        | {"best.trial_id": best["trial_id"], "best.run_id": best["run_id"]}
+    )
+    parent.log_metrics({"best_val_mAP": best["best_val_mAP"], "num_trials": len(rows)})
+    parent.finish("FINISHED")
+    return {
+        "parent_run_id": parent.run_id,
+        "best_trial": best["trial_id"],
+        "best_run_id": best["run_id"],
+        "best_val_mAP": best["best_val_mAP"],
+        "best_params": best_params,
+        "trials": rows,
+        "name": name,
+    }
+
+
+def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=print) -> dict:
+    """The whole sweep; returns the parent run id, the best trial (one with a logged model) and
+    every trial's row."""
     import yaml
     from ray import tune
 
@@ -325,7 +368,7 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
             # Tune's own SIGINT handler stops "gracefully" and returns as if the sweep had ended; ralflow
             # lets the interrupt through instead and closes the runs (the state Tune saved resumes).
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-            results = tuner.fit()
+            return finish_sweep(parent, tuner.fit(), name, space, log)
         except KeyboardInterrupt as exc:
             import time
 
@@ -333,7 +376,8 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
 
             reason = str(exc) or "interrupted"
             close_running_trials(parent, name, f"sweep {reason}")
-            parent.finish("KILLED", reason)
+            if parent.ended is None:
+                parent.finish("KILLED", reason)
             # A trial starting just now opens its run in its own process, after the pass above: stop
             # the job's trials (disconnecting ends them), then close what they opened.
             ray.shutdown()
@@ -343,41 +387,6 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
         except BaseException as exc:
             reason = f"sweep failed: {first_line(exc)}"
             close_running_trials(parent, name, reason)
-            parent.finish("FAILED", reason)
+            if parent.ended is None:  # (no trial finished: ended already, saying so)
+                parent.finish("FAILED", reason)
             raise
-    rows = trials_table(results, name, parent.client, parent.get().info.experiment_id)
-    close_trial_runs(rows, uri)
-    set_apart_lost_trials(parent, name, {r["trial_id"] for r in rows}, log)
-    finished = [
-        r
-        for r in rows
-        if r["status"] == "ok"
-        and r["run_id"]
-        and not math.isnan(r["best_val_mAP"])
-        and TrackedRun(uri, r["run_id"]).get().info.status == "FINISHED"
-    ]
-    if not finished:
-        errors = "; ".join(sorted({r["error"] for r in rows if r.get("error")})) or "none finished"
-        parent.finish("FAILED", f"no trial finished with a logged model ({errors})")
-        raise UserError(f"no trial finished with a logged model; trial errors: {errors}")
-    best = max(finished, key=lambda r: r["best_val_mAP"])
-    best_params = {k: best[k] for k in space}
-    with tempfile.TemporaryDirectory() as tmp:
-        trials_plot(rows, list(space), Path(tmp) / "trials.png", f"{name}: {len(rows)} trials")
-        parent.log_file(Path(tmp) / "trials.png")
-    parent.log_files({"trials.csv": trials_csv(rows)})
-    parent.log_params(
-        {f"best.{k}": v for k, v in best_params.items()}
-        | {"best.trial_id": best["trial_id"], "best.run_id": best["run_id"]}
-    )
-    parent.log_metrics({"best_val_mAP": best["best_val_mAP"], "num_trials": len(rows)})
-    parent.finish("FINISHED")
-    return {
-        "parent_run_id": parent.run_id,
-        "best_trial": best["trial_id"],
-        "best_run_id": best["run_id"],
-        "best_val_mAP": best["best_val_mAP"],
-        "best_params": best_params,
-        "trials": rows,
-        "name": name,
-    }
