@@ -260,6 +260,8 @@ def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(dataset,
     call that creates it returns."""
     import signal
 
+    import ray
+
     import components.runtime as runtime
     import components.train.trainer as trainer
     import components.tune.sweep as sweep
@@ -268,7 +270,7 @@ def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(dataset,
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(None, {"data": {"path": str(dataset), "image_size": 32}, "model": {"name": "resnet10t"},
                              "tracking": {"tracking_uri": uri, "storage_path": str(tmp_path / "runs")}})  # fmt: skip
-    create = TrackedRun.create.__func__
+    create, shutdowns = TrackedRun.create.__func__, []
 
     def create_then_signal(cls, *args, **kwargs):
         run = create(cls, *args, **kwargs)
@@ -287,6 +289,8 @@ def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(dataset,
                 for module, name in ((runtime, "init_ray"), (runtime, "check_shared_path"),
                                      (sweep, "trials_per_cluster"), (sweep, "check_resources")):  # fmt: skip
                     monkeypatch.setattr(module, name, lambda *a, **k: 1)  # no Ray: what it would say, it fits
+                # the interrupted sweep disconnects from Ray; not here: the session's shared Ray lives on
+                monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
                 sweep.run_sweep(cfg, sweep.SweepOptions(num_samples=1, max_epochs=1, name="s"), log=lambda *_: None)
     finally:
         signal.signal(signal.SIGTERM, before)
@@ -297,6 +301,7 @@ def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(dataset,
     (run,) = c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])
     reason = "terminated (SIGTERM)" if sig == "SIGTERM" else "interrupted"
     assert (run.info.status, run.data.tags["ralflow.end_reason"]) == ("KILLED", reason)
+    assert shutdowns == ([1] if what == "sweep" else [])  # the sweep's own handler ran
 
 
 def test_a_run_already_ended_inside_is_left_as_it_ended(tmp_path):
