@@ -376,9 +376,6 @@ def main() -> None:
         say(f"GPU: {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     say(f"Command: python bench/gpu.py {' '.join(sys.argv[1:])}")
 
-    from components.data.prepare import PrepareOptions, prepare_dataset
-    from components.data.synth import SynthOptions, write_synthetic_cxr_lt
-
     compiles = (False,) if a.goals else (False, True)
     say(f"\n| model | px | channels-last | compile | ceiling img/s (batch {a.batch}) |\n|---|---:|---|---|---:|")
     best = {}
@@ -409,62 +406,85 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop_on_term)  # a time limit's SIGTERM still leaves the verdict
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            # one source at the largest size, prepared (downscaled) for each: the synthesis is the slow part
-            src, top = work / "src", max(a.sizes)
-            say.step(f"synthetic data, {a.num_images} images at {top + top // 8} px")
-            write_synthetic_cxr_lt(src, SynthOptions(num_images=a.num_images, image_size=top + top // 8, seed=0),
-                                   progress=None)  # fmt: skip
-            datasets = {}
-            with ThreadPoolExecutor(os.cpu_count()) as pool:  # shards in parallel: PIL releases the GIL
-                for size in a.sizes:
-                    say.step(f"prepare {size} px")
-                    datasets[size] = work / f"data{size}"
-                    opts = PrepareOptions("cxr-lt-2023", str(src), image_size=size + size // 8)
-                    prepare_dataset(opts, datasets[size], map_shards=lambda fn, shards: list(pool.map(fn, shards)),
-                                    log=lambda *x: None)  # fmt: skip
-            # each half alone: the loop with batches already on the device, and Ray Data with no training
-            data_cpus = max(cpus - worker_cpus(cuda), 1)  # what the streamed runs' training worker leaves
-            say("\n| model | px | training loop alone img/s "
-                f"| Ray Data alone img/s ({data_cpus} CPUs; epoch 1 / later) |")  # fmt: skip
-            say("|---|---:|---:|---:|")
-            for size in a.sizes[:1] if a.goals else a.sizes:  # --goals: 224 px, where the gap was; fits the call
-                say.step(f"loop alone and Ray Data alone, {size} px")
-                loop = loop_alone(datasets[size], a.models[0], size, a.batch, device)
-                ingest = ingest_alone(datasets[size], size, a.batch, device, data_cpus)
-                say(f"| {a.models[0]} | {size} | {loop:.0f} | {ingest[0]:.0f} / {max(ingest[1:]):.0f} |")
-            say(
-                "\n| model | px | decode on | Ray CPUs | prefetch | epoch 1 s | epoch 1 data wait | first batch, s "
-                "(epoch 1 / last) | img/s (last epoch) "
-                "| data wait (for Ray Data's tasks) | × ceiling (channels-last) | peak GB |"
-            )
-            say("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-            # --decode-on cpu with every CPU; gpu with the few CPUs a GPU gets on a shared node (--goals:
-            # where its goal is, the largest size). One CPU-decode run, then the GPU-decode ones, then
-            # the other CPU-decode sizes: a run cut short by a time limit still has both kinds.
-            gpu_sizes = [max(a.sizes)] if a.goals else a.sizes
-            order = [("cpu", a.sizes[0]), *(("gpu", x) for x in gpu_sizes), *(("cpu", x) for x in a.sizes[1:])]
-            for decode_on, size in order:
-                ray_cpus = a.gpu_decode_cpus if decode_on == "gpu" else None
-                for model in a.models:
-                    for prefetch in a.prefetch:
-                        say.step(f"streamed {model} {size} px decode on {decode_on} prefetch {prefetch}")
-                        restart_ray(ray_cpus)  # every run starts cold, as a submitted job does
-                        watch = Reservations()
-                        flags = {"gpu": cuda, "data": {"decode_on": decode_on, "prefetch_batches": prefetch},
-                                 "train": {"channels_last": True, **({"amp": "bf16"} if cuda else {})}}  # fmt: skip
-                        name = f"{model}-{size}-{decode_on}-p{prefetch}"
-                        h = streamed(datasets[size], model, size, a.batch, a.epochs, flags, work / name)
-                        runs.append((model, size, decode_on, prefetch, ray_cpus or cpus, h))
-                        print(f"history {name}: {json.dumps(h)}", flush=True)  # every epoch, in the log only
-                        print(f"CPUs reserved to Ray Data's executions, {name}:", *watch.close(), sep="\n  ")
-                        say(streamed_row(runs[-1], best[(model, size, True, False)]))
+            datasets = prepare_datasets(say, a, Path(tmp))
+            halves_alone(say, a, datasets, device, cuda)
+            streamed_runs(say, a, datasets, best, Path(tmp), cuda, runs)
     except KeyboardInterrupt:
         say("\nCut short (SIGTERM or Ctrl-C): the goals below count only the runs above.")
     goals(say, a, best, decode, runs, cuda)
 
 
-def streamed_row(run: tuple, ceiling: float) -> str:
+def prepare_datasets(say, a, work: Path) -> dict:
+    """One synthetic source at the largest size, prepared (downscaled) for each size: the synthesis
+    is the slow part."""
+    from components.data.prepare import PrepareOptions, prepare_dataset
+    from components.data.synth import SynthOptions, write_synthetic_cxr_lt
+
+    src, top = work / "src", max(a.sizes)
+    say.step(f"synthetic data, {a.num_images} images at {top + top // 8} px")
+    write_synthetic_cxr_lt(src, SynthOptions(num_images=a.num_images, image_size=top + top // 8, seed=0),
+                           progress=None)  # fmt: skip
+    datasets = {}
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # shards in parallel: PIL releases the GIL
+        for size in a.sizes:
+            say.step(f"prepare {size} px")
+            datasets[size] = work / f"data{size}"
+            opts = PrepareOptions("cxr-lt-2023", str(src), image_size=size + size // 8)
+            prepare_dataset(opts, datasets[size], map_shards=lambda fn, shards: list(pool.map(fn, shards)),
+                            log=lambda *x: None)  # fmt: skip
+    return datasets
+
+
+def halves_alone(say, a, datasets: dict, device, cuda: bool) -> None:
+    """Each half alone: the loop with batches already on the device, and Ray Data with no training."""
+    data_cpus = max((os.cpu_count() or 1) - worker_cpus(cuda), 1)  # what the streamed runs' worker leaves
+    say("\n| model | px | training loop alone img/s "
+        f"| Ray Data alone img/s ({data_cpus} CPUs; epoch 1 / later) |")  # fmt: skip
+    say("|---|---:|---:|---:|")
+    for size in a.sizes[:1] if a.goals else a.sizes:  # --goals: 224 px, where the gap was; fits the call
+        say.step(f"loop alone and Ray Data alone, {size} px")
+        loop = loop_alone(datasets[size], a.models[0], size, a.batch, device)
+        ingest = ingest_alone(datasets[size], size, a.batch, device, data_cpus)
+        say(f"| {a.models[0]} | {size} | {loop:.0f} | {ingest[0]:.0f} / {max(ingest[1:]):.0f} |")
+
+
+def streamed_runs(say, a, datasets: dict, best: dict, work: Path, cuda: bool, runs: list) -> None:
+    """Full ``ralflow`` training runs streamed by Ray Data, each from a cold Ray, appended to ``runs``
+    as they finish (so a run cut short leaves the ones before it)."""
+    say(
+        "\n| model | px | decode on | Ray CPUs | prefetch | epoch 1 s | epoch 1 data wait | first batch, s "
+        "(epoch 1 / last) | img/s (last epoch) "
+        "| data wait (for Ray Data's tasks) | × ceiling (channels-last) | peak GB |"
+    )
+    say("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    # --decode-on cpu with every CPU; gpu with the few CPUs a GPU gets on a shared node (--goals:
+    # where its goal is, the largest size). One CPU-decode run, then the GPU-decode ones, then
+    # the other CPU-decode sizes: a run cut short by a time limit still has both kinds.
+    gpu_sizes = [max(a.sizes)] if a.goals else a.sizes
+    order = [("cpu", a.sizes[0]), *(("gpu", x) for x in gpu_sizes), *(("cpu", x) for x in a.sizes[1:])]
+    runs_of = [(d, size, model, prefetch) for d, size in order for model in a.models for prefetch in a.prefetch]
+    for decode_on, size, model, prefetch in runs_of:
+        ray_cpus = a.gpu_decode_cpus if decode_on == "gpu" else None
+        say.step(f"streamed {model} {size} px decode on {decode_on} prefetch {prefetch}")
+        restart_ray(ray_cpus)  # every run starts cold, as a submitted job does
+        watch = Reservations()
+        flags = {"gpu": cuda, "data": {"decode_on": decode_on, "prefetch_batches": prefetch},
+                 "train": {"channels_last": True, **({"amp": "bf16"} if cuda else {})}}  # fmt: skip
+        name = f"{model}-{size}-{decode_on}-p{prefetch}"
+        h = streamed(datasets[size], model, size, a.batch, a.epochs, flags, work / name)
+        runs.append((model, size, decode_on, prefetch, ray_cpus or os.cpu_count() or 1, h))
+        print(f"history {name}: {json.dumps(h)}", flush=True)  # every epoch, in the log only
+        print(f"CPUs reserved to Ray Data's executions, {name}:", *watch.close(), sep="\n  ")
+        say(streamed_row(runs[-1], best))
+
+
+def of_ceiling(run: tuple, best: dict) -> float:
+    """A streamed run's last-epoch speed as a fraction of its model's channels-last ceiling."""
+    model, size, *_, h = run
+    return h["images_per_s"][-1] / best[(model, size, True, False)]
+
+
+def streamed_row(run: tuple, best: dict) -> str:
     """The streamed runs' table row of one run ``(model, size, decode_on, prefetch, cpus, history)``."""
     model, size, decode_on, prefetch, cpus, h = run
     peak = f"{h['gpu_peak_mem_gb'][-1]:.1f}" if h["gpu_peak_mem_gb"] else "n/a"
@@ -473,7 +493,7 @@ def streamed_row(run: tuple, ceiling: float) -> str:
     return (
         f"| {model} | {size} | {decode_on} | {cpus} | {prefetch} | {h['epoch_time_s'][0]:.1f} "
         f"| {h['data_wait_frac'][0]:.0%} | {h['data_wait_first_s'][0]:.2f} / {h['data_wait_first_s'][-1]:.2f} "
-        f"| {h['images_per_s'][-1]:.0f} | {wait} | {h['images_per_s'][-1] / ceiling:.2f} | {peak} |"
+        f"| {h['images_per_s'][-1]:.0f} | {wait} | {of_ceiling(run, best):.2f} | {peak} |"
     )
 
 
@@ -490,7 +510,7 @@ def goals(say, a, best, decode, runs, cuda: bool) -> None:
         if not cpu_runs:
             continue
         top = max(cpu_runs, key=lambda r: r[5]["images_per_s"][-1])
-        ratio = top[5]["images_per_s"][-1] / best[(model, size, True, False)]
+        ratio = of_ceiling(top, best)
         row(f"{model} {size} px streamed >= 0.9x ceiling", f"{ratio:.2f}x (prefetch {top[3]})", ratio >= 0.9)
         wait, first = top[5]["data_wait_frac"][-1], top[5]["data_wait_frac"][0]
         row(f"{model} {size} px data wait <= 5% after epoch 1", f"{wait:.1%} (same run)", wait <= 0.05)
