@@ -145,10 +145,41 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log=print)
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a scheduler, ``kill``), raised like Ctrl-C so that every run
+    in progress is closed as KILLED on the way out."""
+
+
+_signals_received: list[int] = []  # by raise_on_signal, until raise_if_interrupted re-raises one
+
+
+def raise_on_signal(signum, frame) -> None:
+    """The CLI's SIGINT and SIGTERM handler: KeyboardInterrupt, or ``Terminated`` for SIGTERM.
+    The signal is also remembered: one that lands while Python runs a finalizer or a weakref
+    callback (seen: SQLAlchemy's, while a run's params were logged) is printed as "Exception
+    ignored" and dropped, and training would go on; ``raise_if_interrupted`` raises it again."""
+    import signal
+
+    _signals_received.append(signum)
+    raise Terminated("terminated (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise again a signal ``raise_on_signal`` took that no handler has seen (it was dropped),
+    from a loop that waits on long work: the training fit."""
+    if _signals_received:
+        raise_on_signal(_signals_received.pop(0), None)
+
+
+def forget_signals() -> None:
+    """The interrupt reached the code that ends the command: nothing is left to raise again."""
+    _signals_received.clear()
+
+
 @contextlib.contextmanager
 def interrupts_held():
     """Hold Ctrl-C and SIGTERM back in the block; yields ``deliver``, which puts the handlers back
-    and delivers what was held (KeyboardInterrupt, or ``Terminated`` from the CLI's handler).
+    and delivers what was held (KeyboardInterrupt, or ``Terminated`` from ``raise_on_signal``).
     The block's end delivers what is still held. For a step that must not be cut in two, such as
     creating an MLflow run: call ``deliver`` once the caller can close the run, so an interrupt
     never leaves it RUNNING. Outside the main thread (a Tune trial) Python runs no signal
