@@ -150,36 +150,45 @@ class Terminated(KeyboardInterrupt):
     in progress is closed as KILLED on the way out."""
 
 
-_signals_received: list[int] = []  # by raise_on_signal, until raise_if_interrupted re-raises one
+def raise_terminated(signum, frame) -> None:
+    """The CLI's SIGTERM handler."""
+    raise Terminated("terminated (SIGTERM)")
 
 
-def raise_on_signal(signum, frame) -> None:
-    """The CLI's SIGINT and SIGTERM handler: KeyboardInterrupt, or ``Terminated`` for SIGTERM.
-    The signal is also remembered: one that lands while Python runs a finalizer or a weakref
-    callback (seen: SQLAlchemy's, while a run's params were logged) is printed as "Exception
-    ignored" and dropped, and training would go on; ``raise_if_interrupted`` raises it again."""
-    import signal
+_dropped_interrupts: list[BaseException] = []  # see keep_dropped_interrupts
 
-    _signals_received.append(signum)
-    raise Terminated("terminated (SIGTERM)") if signum == signal.SIGTERM else KeyboardInterrupt
+
+def keep_dropped_interrupts() -> None:
+    """Keep the Ctrl-C or SIGTERM that Python drops, for ``raise_if_interrupted``. One that lands
+    while Python runs a finalizer or a weakref callback (seen: SQLAlchemy's, while a run's params
+    were logged) cannot be raised there: Python prints "Exception ignored" through
+    ``sys.unraisablehook`` and goes on, and training ran to its end. Wraps that hook (once)."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "keeps_interrupts", False):
+        return
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _dropped_interrupts.append(unraisable.exc_value)
+        previous(unraisable)
+
+    hook.keeps_interrupts = True
+    sys.unraisablehook = hook
 
 
 def raise_if_interrupted() -> None:
-    """Raise again a signal ``raise_on_signal`` took that no handler has seen (it was dropped),
-    from a loop that waits on long work: the training fit."""
-    if _signals_received:
-        raise_on_signal(_signals_received.pop(0), None)
-
-
-def forget_signals() -> None:
-    """The interrupt reached the code that ends the command: nothing is left to raise again."""
-    _signals_received.clear()
+    """Raise again an interrupt that Python dropped (``keep_dropped_interrupts``), from a loop that
+    waits on long work: the training fit."""
+    if _dropped_interrupts:
+        raise _dropped_interrupts.pop(0)
 
 
 @contextlib.contextmanager
 def interrupts_held():
     """Hold Ctrl-C and SIGTERM back in the block; yields ``deliver``, which puts the handlers back
-    and delivers what was held (KeyboardInterrupt, or ``Terminated`` from ``raise_on_signal``).
+    and delivers what was held (KeyboardInterrupt, or ``Terminated`` from ``raise_terminated``).
     The block's end delivers what is still held. For a step that must not be cut in two, such as
     creating an MLflow run: call ``deliver`` once the caller can close the run, so an interrupt
     never leaves it RUNNING. Outside the main thread (a Tune trial) Python runs no signal

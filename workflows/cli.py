@@ -20,7 +20,7 @@ import traceback
 
 from components.errors import UserError
 from components.flags import flags_by_dest
-from components.runtime import Terminated, forget_signals, raise_on_signal, use_token_for_cluster
+from components.runtime import Terminated, keep_dropped_interrupts, raise_terminated, use_token_for_cluster
 
 # subcommand -> module (order = order in --help)
 COMMANDS = {
@@ -72,9 +72,8 @@ def execute(module, args: argparse.Namespace, prog: str) -> int:
     and SIGTERM end it saying so, with 130 and 143."""
     quiet_libraries()
     use_token_for_cluster(getattr(args, "address", None))
-    signal.signal(signal.SIGTERM, raise_on_signal)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's SIGINT stays ignored
-        signal.signal(signal.SIGINT, raise_on_signal)
+    signal.signal(signal.SIGTERM, raise_terminated)
+    keep_dropped_interrupts()
     try:
         return int(module.run(args) or 0)
     except (UserError, FileNotFoundError, PermissionError, ValueError) as exc:  # ValueError: bad values
@@ -83,11 +82,9 @@ def execute(module, args: argparse.Namespace, prog: str) -> int:
             traceback.print_exc()
         return 2
     except Terminated:
-        forget_signals()
         print(f"{prog}: terminated", file=sys.stderr)
         return exit_now_if_ray(143)
     except KeyboardInterrupt:
-        forget_signals()
         print(f"{prog}: interrupted", file=sys.stderr)
         return exit_now_if_ray(130)
 

@@ -317,7 +317,7 @@ def fit_interruptibly(trainer):
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
-        raise_if_interrupted()  # a Ctrl-C or SIGTERM that Python dropped on its way
+        raise_if_interrupted()  # a Ctrl-C or SIGTERM that Python dropped (in a finalizer)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
