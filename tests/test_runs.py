@@ -28,6 +28,21 @@ def dataset(tmp_path):
     return tmp_path / "data"
 
 
+@pytest.fixture
+def sweep_cfg(dataset, tmp_path, monkeypatch):
+    """A config of `dataset` with a SQLite store in tmp_path; what a sweep asks of Ray is answered
+    without one (it fits)."""
+    import components.runtime as runtime
+    import components.tune.sweep as sweep
+
+    for module, name in ((runtime, "init_ray"), (runtime, "check_shared_path"), (sweep, "trials_per_cluster"),
+                         (sweep, "check_resources")):  # fmt: skip
+        monkeypatch.setattr(module, name, lambda *a, **k: 1)
+    return load_config(None, {"data": {"path": str(dataset), "image_size": 32}, "model": {"name": "resnet10t"},
+                              "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                           "storage_path": str(tmp_path / "runs")}})  # fmt: skip
+
+
 def test_a_resumed_run_must_have_the_same_dataset_and_storage(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     identity = {"ralflow.dataset_sha256": "a" * 64, "ralflow.storage": "/runs/r1"}
@@ -253,7 +268,7 @@ def test_a_failed_or_interrupted_fit_ends_the_run_with_its_reason(tmp_path, monk
 
 @pytest.mark.parametrize("what", ["train", "sweep"])
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(dataset, tmp_path, monkeypatch, what, sig):
+def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(sweep_cfg, monkeypatch, what, sig):
     """Seen in CI: Ctrl-C as soon as a training run appeared in MLflow left it RUNNING; the signal
     had landed while the run was being created, before anything could close it. Here the signal
     arrives just after MLflow wrote the run (training's run or a sweep's parent) and before the
@@ -262,14 +277,11 @@ def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(dataset,
 
     import ray
 
-    import components.runtime as runtime
     import components.train.trainer as trainer
     import components.tune.sweep as sweep
     from components.runtime import Terminated, raise_terminated
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = load_config(None, {"data": {"path": str(dataset), "image_size": 32}, "model": {"name": "resnet10t"},
-                             "tracking": {"tracking_uri": uri, "storage_path": str(tmp_path / "runs")}})  # fmt: skip
+    cfg, uri = sweep_cfg, sweep_cfg.tracking.tracking_uri
     create, shutdowns = TrackedRun.create.__func__, []
 
     def create_then_signal(cls, *args, **kwargs):
@@ -286,9 +298,6 @@ def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(dataset,
                 with trainer.opened_run(cfg, manifest, log=lambda *_: None):
                     pytest.fail("the block must not start: the held signal is delivered first")
             else:
-                for module, name in ((runtime, "init_ray"), (runtime, "check_shared_path"),
-                                     (sweep, "trials_per_cluster"), (sweep, "check_resources")):  # fmt: skip
-                    monkeypatch.setattr(module, name, lambda *a, **k: 1)  # no Ray: what it would say, it fits
                 # the interrupted sweep disconnects from Ray; not here: the session's shared Ray lives on
                 monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
                 sweep.run_sweep(cfg, sweep.SweepOptions(num_samples=1, max_epochs=1, name="s"), log=lambda *_: None)
@@ -505,9 +514,7 @@ def test_predict_actors_must_leave_a_cpu_to_read_images(monkeypatch):
                     "has 2); an autoscaling cluster adds nodes"]  # fmt: skip
 
 
-def test_a_refused_sweep_leaves_its_run_as_it_was_and_one_that_fails_to_start_ends_failed(
-    dataset, tmp_path, monkeypatch
-):
+def test_a_refused_sweep_leaves_its_run_as_it_was_and_one_that_fails_to_start_ends_failed(sweep_cfg, monkeypatch):
     """Seen: `tune --num-workers 2 --cpus-per-worker 1` on 2 CPUs was refused after its parent run
     was opened, and that run stayed RUNNING; the same sweep run again without --resume reopened its
     FINISHED parent before refusing. Now what can refuse a sweep comes first, and a failure after
@@ -516,13 +523,7 @@ def test_a_refused_sweep_leaves_its_run_as_it_was_and_one_that_fails_to_start_en
 
     import components.tune.sweep as sweep
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = load_config(None, {"data": {"path": str(dataset), "image_size": 32}, "model": {"name": "resnet10t"},
-                             "tracking": {"tracking_uri": uri, "storage_path": str(tmp_path / "runs")}})  # fmt: skip
-    import components.runtime as runtime
-
-    for module, name in ((runtime, "init_ray"), (runtime, "check_shared_path"), (sweep, "trials_per_cluster")):
-        monkeypatch.setattr(module, name, lambda *a, **k: 1)  # no Ray here: what it would say, it fits
+    cfg, uri = sweep_cfg, sweep_cfg.tracking.tracking_uri
 
     def too_big(cfg, log=print):
         raise UserError("train.num_workers 2 x train.cpus_per_worker 1 ... needs 2.5 CPU (the cluster has 2)")
@@ -556,7 +557,7 @@ def test_a_refused_sweep_leaves_its_run_as_it_was_and_one_that_fails_to_start_en
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
-def test_a_sweep_that_fails_after_its_trials_ends_its_parent_with_the_reason(dataset, tmp_path, monkeypatch):
+def test_a_sweep_that_fails_after_its_trials_ends_its_parent_with_the_reason(sweep_cfg, monkeypatch):
     """What follows `tuner.fit()` (each trial's verdict, the best trial, the parent's artifacts) is
     inside the sweep's guard: a failure there ends the parent FAILED (it stayed RUNNING), and a
     sweep where no trial finished keeps the reason it ended with."""
@@ -564,15 +565,9 @@ def test_a_sweep_that_fails_after_its_trials_ends_its_parent_with_the_reason(dat
 
     import mlflow
 
-    import components.runtime as runtime
     import components.tune.sweep as sweep
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = load_config(None, {"data": {"path": str(dataset), "image_size": 32}, "model": {"name": "resnet10t"},
-                             "tracking": {"tracking_uri": uri, "storage_path": str(tmp_path / "runs")}})  # fmt: skip
-    for module, name in ((runtime, "init_ray"), (runtime, "check_shared_path"), (sweep, "trials_per_cluster"),
-                         (sweep, "check_resources")):  # fmt: skip
-        monkeypatch.setattr(module, name, lambda *a, **k: 1)  # no Ray here: what it would say, it fits
+    cfg, uri = sweep_cfg, sweep_cfg.tracking.tracking_uri
     monkeypatch.setattr(sweep, "build_tuner", lambda *a, **k: types.SimpleNamespace(fit=lambda: []))
 
     def unreadable(*args):

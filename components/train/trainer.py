@@ -331,14 +331,14 @@ def run_ends_if_this_fails(run: TrackedRun, log=print, stopping=None):
     a trial); the run is then left for the caller to close."""
     try:
         yield
-    except KeyboardInterrupt as exc:
-        if run.ended is None:
-            run.finish("KILLED", str(exc) or "interrupted")
-        raise
     except BaseException as exc:
-        if run.ended is None and stopping is not None and stopping():
+        if run.ended is not None:
+            pass
+        elif isinstance(exc, KeyboardInterrupt):
+            run.finish("KILLED", str(exc) or "interrupted")
+        elif stopping is not None and stopping():
             log(f"[train] stopped on purpose ({first_line(exc)}); the run is left for the caller to close")
-        elif run.ended is None:
+        else:
             run.finish("FAILED", f"training failed: {first_line(exc)}")
         raise
 

@@ -153,10 +153,7 @@ def set_apart_lost_trials(parent: TrackedRun, sweep: str, known: set[str], log=p
     ``--resume`` restores, and the searcher samples a new trial in its place. The lost trial's run
     is kept, tagged ``ralflow.trial_lost``, and counted nowhere (not in trials.csv, not a best
     trial)."""
-    children = parent.client.search_runs(
-        [parent.get().info.experiment_id], filter_string=f"tags.`ralflow.sweep` = '{sweep}'"
-    )
-    lost = [x for x in children if x.data.tags.get("ralflow.trial_id") not in known]
+    lost = [x for x in trial_runs(parent, sweep) if x.data.tags.get("ralflow.trial_id") not in known]
     for x in lost:
         run = TrackedRun(parent.tracking_uri, x.info.run_id)
         run.set_tags({LOST_TAG: "true"})
@@ -171,12 +168,14 @@ def set_apart_lost_trials(parent: TrackedRun, sweep: str, known: set[str], log=p
     return [x.info.run_name for x in lost]
 
 
+def trial_runs(parent: TrackedRun, sweep: str, status: str | None = None) -> list:
+    """The trials' runs of ``sweep`` (only those with ``status`` when given)."""
+    where = f"tags.`ralflow.sweep` = '{sweep}'" + (f" and attributes.status = '{status}'" if status else "")
+    return parent.client.search_runs([parent.get().info.experiment_id], filter_string=where)
+
+
 def close_running_trials(parent: TrackedRun, sweep: str, reason: str) -> None:
-    running = parent.client.search_runs(
-        [parent.get().info.experiment_id],
-        filter_string=f"tags.`ralflow.sweep` = '{sweep}' and attributes.status = 'RUNNING'",
-    )
-    for child in running:
+    for child in trial_runs(parent, sweep, "RUNNING"):
         TrackedRun(parent.tracking_uri, child.info.run_id).finish("KILLED", reason)
 
 
