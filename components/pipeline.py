@@ -5,7 +5,7 @@ what is already done."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import setting
@@ -40,7 +40,6 @@ def run_pipeline(opts: PipelineOptions, address: str | None = None, log=print) -
     from .runtime import init_ray, map_with_ray_data
     from .tracking import TrackedRun
     from .tune import SweepOptions, run_sweep
-    from .tune.sweep import sweep_exists
 
     t_start = time.perf_counter()
     work = Path(opts.workdir).expanduser().resolve()
@@ -89,7 +88,7 @@ def run_pipeline(opts: PipelineOptions, address: str | None = None, log=print) -
         },
     )
     sweep_opts = SweepOptions(num_samples=opts.num_samples, max_epochs=opts.max_epochs)
-    sweep = run_sweep(cfg, replace(sweep_opts, resume=sweep_exists(cfg, sweep_opts)), address=address, log=log)
+    sweep = run_sweep(cfg, sweep_opts, address=address, log=log, resume_if_exists=True)
 
     step(4, f"promote the best trial to {opts.model_name}")
     promoted = promote(PromoteOptions(opts.model_name, tracking_uri=uri, run_id=sweep["best_run_id"]))

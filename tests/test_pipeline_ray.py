@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 
 import pytest
+
+from components.tracking import client
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -20,25 +23,9 @@ def read_submission(path):
 
 def test_run_then_predict_from_champion(tmp_path, cli, ray_address):
     work = tmp_path / "work"
-    r = cli(
-        "run",
-        "--workdir",
-        str(work),
-        "--num-images",
-        "240",
-        "--synth-size",
-        "64",
-        "--image-size",
-        "32",
-        "--num-samples",
-        "1",
-        "--max-epochs",
-        "1",
-        "--batch-size",
-        "32",
-        cwd=tmp_path,
-        timeout=1500,
-    )
+    sizes = ["--workdir", str(work), "--num-images", "240", "--synth-size", "64", "--image-size", "32",
+             "--num-samples", "1", "--max-epochs", "1", "--batch-size", "32"]  # fmt: skip
+    r = cli("run", *sizes, cwd=tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     assert "already exists" not in r.stdout + r.stderr  # a first promote in a fresh store says nothing of the kind
     for needle in (
@@ -57,22 +44,30 @@ def test_run_then_predict_from_champion(tmp_path, cli, ray_address):
     header, rows = read_submission(work / "submission.csv")
     manifest = Manifest.load(work / "data")
     assert header == ["dicom_id", *CXR_LT_2023_COUNTS] and len(rows) == manifest.splits["val"].num_images
-
-    # a fresh process loads the champion by alias and scores the prepared dataset
     uri = f"sqlite:///{work / 'mlflow.db'}"
+
+    def trial_runs() -> set[str]:
+        c = client(uri)
+        return {x.info.run_id for x in c.search_runs([c.get_experiment_by_name("ralflow").experiment_id])}
+
+    trained = trial_runs()
+
+    # Re-running the finished pipeline resumes each stage, the finished sweep included: nothing is
+    # redone, and the champion, loaded by alias in this fresh process, scores the same numbers.
+    r = cli("run", *sizes, "--address", ray_address, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    for needle in ("synth: already written", "prepare: dataset already complete", "(resumed)", "the champion)"):
+        assert needle in r.stdout, needle
+    assert not re.search(r"Trial \S+ started", r.stdout), r.stdout[-3000:]
+    assert trial_runs() == trained
+    header2, rows2 = read_submission(work / "submission.csv")
+    assert header2 == header and rows2 == rows  # same model, same images: the same numbers
+    assert all(0.0 <= float(v) <= 1.0 for row in rows2 for v in row[1:])
 
     def predict_champion(*source, out):
         return cli("predict", "--model-uri", "models:/ralflow-cxr@champion", *source, "--out", str(out),
                    "--tracking-uri", uri, "--address", ray_address, cwd=tmp_path, timeout=600)  # fmt: skip
 
-    out = tmp_path / "again.csv"
-    r = predict_champion("--data", str(work / "data"), out=out)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "predict: mAP" in r.stdout
-    header2, rows2 = read_submission(out)
-    assert header2 == header and [x[0] for x in rows2] == [x[0] for x in rows]
-    assert all(0.0 <= float(v) <= 1.0 for row in rows2 for v in row[1:])
-    assert rows2 == rows  # same model, same images: the same numbers
     # decode_on gpu (here on the CPU device): JPEG bytes to the model's actor, decoded there alike
     r = predict_champion("--data", str(work / "data"), "--decode-on", "gpu", out=tmp_path / "in_actor.csv")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import Config, setting
 from ..data.manifest import Manifest
@@ -179,18 +179,6 @@ def close_running_trials(parent: TrackedRun, sweep: str, reason: str) -> None:
         TrackedRun(parent.tracking_uri, child.info.run_id).finish("KILLED", reason)
 
 
-def sweep_exists(cfg: Config, opts: SweepOptions) -> bool:
-    """Whether the sweep these settings name already has state in storage (so it can resume)."""
-    from ray import tune
-
-    if opts.name:
-        name = opts.name
-    else:
-        space = load_search_space(cfg.loss.name, opts.search_space)
-        name = sweep_name(cfg, opts.num_samples, space, Manifest.load(cfg.data.path).dataset_sha256)
-    return tune.Tuner.can_restore(f"{cfg.tracking.storage_path}/{name}")
-
-
 def check_sweep_folder(resume: bool, storage: str, name: str) -> None:
     """--resume needs the sweep's saved state; a new sweep must not start over one. Checked before
     the parent run is opened, so that a refusal leaves the sweep's run as it was."""
@@ -311,9 +299,13 @@ def finish_sweep(parent: TrackedRun, results, name: str, space: dict, log=print)
     }
 
 
-def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=print) -> dict:
+def run_sweep(
+    cfg: Config, opts: SweepOptions, address: str | None = None, log=print, resume_if_exists: bool = False
+) -> dict:
     """The whole sweep; returns the parent run id, the best trial (one with a logged model) and
-    every trial's row."""
+    every trial's row. ``resume_if_exists``: resume the sweep these settings name when its state
+    is in storage, start it otherwise (``ralflow run`` re-run); the name is known only once the
+    dataset has filled in the config, so only this function can tell."""
     import yaml
     from ray import tune
 
@@ -333,6 +325,8 @@ def run_sweep(cfg: Config, opts: SweepOptions, address: str | None = None, log=p
         "ralflow.dataset_sha256": manifest.dataset_sha256,
     }
     identity = {"ralflow.dataset_sha256": manifest.dataset_sha256, STORAGE_TAG: f"{storage}/{name}"}
+    if resume_if_exists and tune.Tuner.can_restore(f"{storage}/{name}"):
+        opts = replace(opts, resume=True)
     # What can refuse the sweep comes before its parent run is opened: a refusal leaves it as it was.
     check_sweep_folder(opts.resume, storage, name)
     init_ray(address, log=log)
