@@ -23,6 +23,9 @@ from .errors import UserError
 RUN_KEY_TAG = "ralflow.run_name"
 RESTART_METRIC = "restart_from_epoch"
 END_REASON_TAG = "ralflow.end_reason"
+# A resumed run's last end ("KILLED: interrupted"): the end reason describes how the run ended,
+# which no longer holds once it runs again.
+RESUMED_AFTER_TAG = "ralflow.resumed_after"
 # The process driving a run (host, pid, its start time, and a heartbeat): a second `train` of the
 # same run name, or `tune --resume` of a sweep still going, must not take over a run that lives.
 DRIVER_TAG = "ralflow.driver"
@@ -191,8 +194,9 @@ class TrackedRun:
     def open(
         cls, tracking_uri: str, experiment: str, run_name: str, tags: dict | None = None, identity: dict | None = None
     ) -> TrackedRun:
-        """The run carrying ``run_name`` (resumed, status back to RUNNING), else a new one. A run to
-        resume must carry the same ``identity`` tags where it has them (else nothing is touched)."""
+        """The run carrying ``run_name`` (resumed, status back to RUNNING, its last end reason kept
+        as ``ralflow.resumed_after``), else a new one. A run to resume must carry the same
+        ``identity`` tags where it has them (else nothing is touched)."""
         c = client(tracking_uri)
         found = runs_named(c, experiment_id(c, experiment, tracking_uri), run_name)
         if found:
@@ -208,6 +212,9 @@ class TrackedRun:
             if found[0].info.status == "RUNNING" and (lease := found[0].data.tags.get(DRIVER_TAG)):
                 refuse_if_driven(run_name, run_id, lease)
             if found[0].info.status != "RUNNING":
+                if reason := found[0].data.tags.get(END_REASON_TAG):
+                    c.set_tag(run_id, RESUMED_AFTER_TAG, f"{found[0].info.status}: {reason}")
+                    c.delete_tag(run_id, END_REASON_TAG)
                 c.update_run(run_id, status="RUNNING")
             return cls(tracking_uri, run_id, resumed=True)
         return cls.create(tracking_uri, experiment, run_name, tags)

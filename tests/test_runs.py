@@ -50,7 +50,14 @@ def test_a_resumed_run_must_have_the_same_dataset_and_storage(tmp_path):
     first.finish("FINISHED")
     again = TrackedRun.open(uri, "ralflow", "r1", identity, identity)  # same: resumed
     assert again.run_id == first.run_id and again.resumed
-    again.finish("FINISHED")
+    again.finish("KILLED", "interrupted")
+    # resumed after an interrupt, then finished: FINISHED says it all; the interrupt is history
+    third = TrackedRun.open(uri, "ralflow", "r1", identity, identity)
+    tags = third.get().data.tags
+    assert "ralflow.end_reason" not in tags and tags["ralflow.resumed_after"] == "KILLED: interrupted"
+    third.finish("FINISHED")
+    run = third.get()
+    assert run.info.status == "FINISHED" and "ralflow.end_reason" not in run.data.tags
     moved = {**identity, "ralflow.storage": "/elsewhere/r1"}
     with pytest.raises(UserError, match=r"has ralflow.storage=/runs/r1, not /elsewhere/r1; resume it with the same"):
         TrackedRun.open(uri, "ralflow", "r1", moved, moved)
