@@ -155,34 +155,37 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated("terminated (SIGTERM)")
 
 
-_dropped_interrupts: list[BaseException] = []  # see keep_dropped_interrupts
+REDELIVER_AFTER_S = 0.1  # the dropped signal is sent again once the finalizer has returned
 
 
-def keep_dropped_interrupts() -> None:
-    """Keep the Ctrl-C or SIGTERM that Python drops, for ``raise_if_interrupted``. One that lands
-    while Python runs a finalizer or a weakref callback (seen: SQLAlchemy's, while a run's params
-    were logged) cannot be raised there: Python prints "Exception ignored" through
-    ``sys.unraisablehook`` and goes on, and training ran to its end. Wraps that hook (once)."""
+def redeliver_dropped_interrupts() -> None:
+    """Send again the Ctrl-C or SIGTERM that Python drops. One that lands while Python runs a
+    finalizer or a weakref callback (seen: SQLAlchemy's, while a run's params were logged) cannot
+    be raised there: Python prints "Exception ignored" through ``sys.unraisablehook`` and goes on,
+    and training ran to its end. Wraps that hook (once) so that the same signal reaches the main
+    thread again a moment later, in ordinary code, wherever that is: a fit, a sweep, a model being
+    logged. An interrupt raised as usual is not touched."""
+    import signal
     import sys
+    import threading
 
     previous = sys.unraisablehook
-    if getattr(previous, "keeps_interrupts", False):
+    if getattr(previous, "redelivers_interrupts", False):
         return
 
     def hook(unraisable) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            _dropped_interrupts.append(unraisable.exc_value)
+            signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+            resend = threading.Timer(REDELIVER_AFTER_S, signal.pthread_kill, (threading.main_thread().ident, signum))
+            resend.daemon = True
+            try:
+                resend.start()
+            except RuntimeError:  # the interpreter is shutting down: it is ending anyway
+                pass
         previous(unraisable)
 
-    hook.keeps_interrupts = True
+    hook.redelivers_interrupts = True
     sys.unraisablehook = hook
-
-
-def raise_if_interrupted() -> None:
-    """Raise again an interrupt that Python dropped (``keep_dropped_interrupts``), from a loop that
-    waits on long work: the training fit."""
-    if _dropped_interrupts:
-        raise _dropped_interrupts.pop(0)
 
 
 @contextlib.contextmanager

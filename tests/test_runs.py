@@ -320,35 +320,39 @@ def test_an_interrupt_while_mlflow_creates_the_run_still_ends_it_killed(sweep_cf
     assert shutdowns == ([1] if what == "sweep" else [])  # the sweep's own handler ran
 
 
-def test_a_signal_python_dropped_is_raised_again_while_the_fit_runs(monkeypatch):
+def test_a_signal_python_dropped_is_sent_again_and_stops_what_runs(monkeypatch):
     """Seen in CI: Ctrl-C landed while SQLAlchemy ran a weakref callback; Python printed
     "Exception ignored ... KeyboardInterrupt" and dropped it, and the run trained all 30 epochs.
-    The CLI keeps what Python drops and the fit's wait loop raises it again; an interrupt that was
-    raised as usual is not kept (it would stop a later fit in the same process)."""
+    The CLI sends a dropped signal again, so it stops whatever runs then (here a sleep standing for
+    a fit, a sweep or a model being logged); an interrupt raised as usual is not sent again (it
+    would stop a later command in the same process)."""
+    import signal
     import sys
 
     import components.runtime as runtime
-    from components.train.trainer import fit_interruptibly
 
-    monkeypatch.setattr(runtime, "_dropped_interrupts", [])
     printed = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: printed.append(unraisable.exc_type))
-    runtime.keep_dropped_interrupts()
-    runtime.keep_dropped_interrupts()  # wraps the hook once, however often a process runs commands
+    runtime.redeliver_dropped_interrupts()
+    runtime.redeliver_dropped_interrupts()  # wraps the hook once, however often a process runs commands
+    before = signal.signal(signal.SIGTERM, runtime.raise_terminated)  # as the CLI has it
 
     class Finalized:
         def __del__(self):  # SIGTERM lands here, where Python cannot raise it
             runtime.raise_terminated(None, None)
 
-    Finalized()
-    assert printed == [runtime.Terminated]  # Python's "Exception ignored in ..." still says so
-    fits = []
-    with pytest.raises(runtime.Terminated):
-        fit_interruptibly(types.SimpleNamespace(fit=lambda: fits.append(time.sleep(3))))
-    assert fits == []  # raised while the fit still ran, not after it
-    with pytest.raises(runtime.Terminated):
-        runtime.raise_terminated(None, None)  # raised as usual: nothing kept
-    assert fit_interruptibly(types.SimpleNamespace(fit=lambda: "done")) == "done"
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(runtime.Terminated):
+            Finalized()
+            assert printed == [runtime.Terminated]  # Python's "Exception ignored in ..." still says so
+            time.sleep(5)
+        assert time.monotonic() - t0 < 4  # raised in the sleep, not after it
+        with pytest.raises(runtime.Terminated):
+            runtime.raise_terminated(None, None)  # raised as usual: not sent again
+        time.sleep(4 * runtime.REDELIVER_AFTER_S)
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_a_run_already_ended_inside_is_left_as_it_ended(tmp_path):

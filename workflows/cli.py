@@ -20,7 +20,7 @@ import traceback
 
 from components.errors import UserError
 from components.flags import flags_by_dest
-from components.runtime import Terminated, keep_dropped_interrupts, raise_terminated, use_token_for_cluster
+from components.runtime import Terminated, raise_terminated, redeliver_dropped_interrupts, use_token_for_cluster
 
 # subcommand -> module (order = order in --help)
 COMMANDS = {
@@ -73,7 +73,7 @@ def execute(module, args: argparse.Namespace, prog: str) -> int:
     quiet_libraries()
     use_token_for_cluster(getattr(args, "address", None))
     signal.signal(signal.SIGTERM, raise_terminated)
-    keep_dropped_interrupts()
+    redeliver_dropped_interrupts()
     try:
         return int(module.run(args) or 0)
     except (UserError, FileNotFoundError, PermissionError, ValueError) as exc:  # ValueError: bad values

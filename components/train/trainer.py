@@ -301,8 +301,6 @@ def fit_interruptibly(trainer):
     as KILLED, and the process ends, taking the job's Ray actors with it."""
     import threading
 
-    from ..runtime import raise_if_interrupted
-
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
     outcome: dict = {}
@@ -317,7 +315,6 @@ def fit_interruptibly(trainer):
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
-        raise_if_interrupted()  # a Ctrl-C or SIGTERM that Python dropped (in a finalizer)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
