@@ -321,22 +321,27 @@ def fit_interruptibly(trainer):
 
 
 @contextlib.contextmanager
-def run_ends_if_this_fails(run: TrackedRun, log=print, stopping=None):
-    """A failure in the block ends ``run`` FAILED, or KILLED when interrupted or terminated, with
-    the reason, and is raised on; a run already ended (by a guard inside) is left as it is.
-    ``stopping``: whether a failure is only the caller stopping the run on purpose (Tune stopping
-    a trial); the run is then left for the caller to close."""
+def run_ends_if_this_fails(run: TrackedRun, log=print, stopping=None, failed: str = "training failed", before_end=None):
+    """A failure in the block ends ``run`` FAILED (``"<failed>: <error>"``), or KILLED when
+    interrupted or terminated, with the reason, and is raised on; a run already ended (by a guard
+    inside) is left as it is. ``stopping``: whether a failure is only the caller stopping the run
+    on purpose (Tune stopping a trial); the run is then left for the caller to close.
+    ``before_end(status, reason)``: what must end first, such as a sweep's running trials."""
     try:
         yield
     except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        status, reason = (
+            ("KILLED", str(exc) or "interrupted") if interrupted else ("FAILED", f"{failed}: {first_line(exc)}")
+        )
+        if before_end is not None:
+            before_end(status, reason)
         if run.ended is not None:
             pass
-        elif isinstance(exc, KeyboardInterrupt):
-            run.finish("KILLED", str(exc) or "interrupted")
-        elif stopping is not None and stopping():
+        elif not interrupted and stopping is not None and stopping():
             log(f"[train] stopped on purpose ({first_line(exc)}); the run is left for the caller to close")
         else:
-            run.finish("FAILED", f"training failed: {first_line(exc)}")
+            run.finish(status, reason)
         raise
 
 

@@ -23,12 +23,12 @@ from ..tracking import TrackedRun, check_tracking_uri
 from ..train.resources import check_resources
 from ..train.trainer import (
     STORAGE_TAG,
-    first_line,
     fit_and_log,
     load_dataset,
     load_init_weights,
     make_job,
     opened_run,
+    run_ends_if_this_fails,
     storage_dir_of,
 )
 from .report import trials_csv, trials_plot, trials_table
@@ -332,54 +332,49 @@ def run_sweep(
     init_ray(address, log=log)
     check_resources(cfg, log)
     check_shared_path(storage, "tracking.storage_path", field="tracking.storage_path")
+
+    def end_trials(status: str, reason: str) -> None:
+        close_running_trials(parent, name, f"sweep {reason}" if status == "KILLED" else reason)
+
     with interrupts_held() as deliver:  # Ctrl-C never leaves the parent run RUNNING
         parent = TrackedRun.open(uri, cfg.tracking.experiment, name, {**tags, **identity}, identity)
         try:
-            deliver()  # an interrupt held while the parent run was created lands here and closes it
-            parent.hold()  # `tune --resume` elsewhere is refused while this sweep lives
-            log(
-                f"[tune] sweep '{name}': MLflow parent run {parent.run_id} "
-                f"({'resumed' if parent.resumed else 'new'}); tracking {uri}; storage {storage}/{name}"
-            )
-            if not parent.resumed:
-                parent.log_files({"search_space.yaml": yaml.safe_dump({cfg.loss.name: space}, sort_keys=False)})
-                parent.log_params(
-                    {
-                        "num_samples": opts.num_samples,
-                        "max_epochs": cfg.train.epochs,
-                        "loss": cfg.loss.name,
-                        "model": cfg.model.name,
-                        "dataset.sha256": manifest.dataset_sha256,
-                    }
+            with run_ends_if_this_fails(parent, log, failed="sweep failed", before_end=end_trials):
+                deliver()  # an interrupt held while the parent run was created lands here and closes it
+                parent.hold()  # `tune --resume` elsewhere is refused while this sweep lives
+                log(
+                    f"[tune] sweep '{name}': MLflow parent run {parent.run_id} "
+                    f"({'resumed' if parent.resumed else 'new'}); tracking {uri}; storage {storage}/{name}"
                 )
-            concurrent = min(opts.max_concurrent or trials_per_cluster(cfg), opts.num_samples)
-            base = copy.deepcopy(cfg)
-            base.tracking.run_name = None
-            trial = make_trial_fn(base, manifest, parent.run_id, name, storage, local_data=embedded_ray())
-            # The trial function only drives its TorchTrainer: a token CPU share; the workers ask for their own.
-            tuner = build_tuner(cfg, opts, tune.with_resources(trial, {"CPU": 0.01}), space, name, concurrent, log)
-            # Tune's own SIGINT handler stops "gracefully" and returns as if the sweep had ended; ralflow
-            # lets the interrupt through instead and closes the runs (the state Tune saved resumes).
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-            return finish_sweep(parent, tuner.fit(), name, space, log)
+                if not parent.resumed:
+                    parent.log_files({"search_space.yaml": yaml.safe_dump({cfg.loss.name: space}, sort_keys=False)})
+                    parent.log_params(
+                        {
+                            "num_samples": opts.num_samples,
+                            "max_epochs": cfg.train.epochs,
+                            "loss": cfg.loss.name,
+                            "model": cfg.model.name,
+                            "dataset.sha256": manifest.dataset_sha256,
+                        }
+                    )
+                concurrent = min(opts.max_concurrent or trials_per_cluster(cfg), opts.num_samples)
+                base = copy.deepcopy(cfg)
+                base.tracking.run_name = None
+                trial = make_trial_fn(base, manifest, parent.run_id, name, storage, local_data=embedded_ray())
+                # The trial function only drives its TorchTrainer: a token CPU share; the workers ask for their own.
+                tuner = build_tuner(cfg, opts, tune.with_resources(trial, {"CPU": 0.01}), space, name, concurrent, log)
+                # Tune's own SIGINT handler stops "gracefully" and returns as if the sweep had ended; ralflow
+                # lets the interrupt through instead and closes the runs (the state Tune saved resumes).
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+                return finish_sweep(parent, tuner.fit(), name, space, log)
         except KeyboardInterrupt as exc:
             import time
 
             import ray
 
-            reason = str(exc) or "interrupted"
-            close_running_trials(parent, name, f"sweep {reason}")
-            if parent.ended is None:
-                parent.finish("KILLED", reason)
-            # A trial starting just now opens its run in its own process, after the pass above: stop
-            # the job's trials (disconnecting ends them), then close what they opened.
+            # A trial starting just now opens its run in its own process, after the guard's pass:
+            # stop the job's trials (disconnecting ends them), then close what they opened.
             ray.shutdown()
             time.sleep(3)
-            close_running_trials(parent, name, f"sweep {reason}")
-            raise
-        except BaseException as exc:
-            reason = f"sweep failed: {first_line(exc)}"
-            close_running_trials(parent, name, reason)
-            if parent.ended is None:  # (no trial finished: ended already, saying so)
-                parent.finish("FAILED", reason)
+            end_trials("KILLED", str(exc) or "interrupted")
             raise
