@@ -41,7 +41,9 @@ class PredictOptions:
     actors: int | None = setting(None, help="model replicas (default: 1 per GPU, else half the CPUs)")
     model_weight: list[float] | None = setting(None, help="one weight per --model-uri (default: equal)")
     ensemble: str = setting("prob", choices=ENSEMBLE_MODES, help="average the models' probabilities or logits")
-    tta: str = setting("none", help="test-time augmentation, averaged with the plain image: hflip, scale or both")
+    tta: str = setting(
+        "none", help="test-time augmentation, averaged with the plain image: none, hflip, scale, or both as hflip,scale"
+    )
     aggregate: str = setting("none", choices=AGGREGATES, help="score each image with its study's probabilities")
     findings: bool = setting(False, help="also write <out>.findings.csv: 0/1 per finding at the model's thresholds")
     decode_on: str = setting(
@@ -60,7 +62,11 @@ def tta_views(tta: str) -> list[str]:
     names = [t.strip() for t in (tta or "none").split(",") if t.strip() and t.strip() != "none"]
     bad = sorted(set(names) - set(TTA_CHOICES))
     if bad:
-        raise UserError(f"tta {','.join(bad)} is invalid; allowed: none or {','.join(TTA_CHOICES)}", field="tta")
+        raise UserError(
+            f"tta {','.join(bad)} is invalid; allowed: none, {', '.join(TTA_CHOICES)}, or a comma-separated list "
+            f"of them ({','.join(TTA_CHOICES)})",
+            field="tta",
+        )
     return ["identity", *dict.fromkeys(names)]
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from components.calibration import apply_calibration, decide, fit_calibration, fit_thresholds
+from components.errors import UserError
 from components.metrics import multilabel_metrics
 from components.studies import aggregate
 
@@ -89,6 +90,8 @@ def test_tta_and_ensembles():
     )
     assert tta_pixels(skewed, "scale").shape == skewed.shape and tta_views("scale,hflip,scale") == [
         "identity", "scale", "hflip"]  # fmt: skip
+    with pytest.raises(UserError, match=r"tta both is invalid; allowed: none, hflip, scale, or a comma-separated list"):
+        tta_views("both")  # the error shows how to ask for both
     for mode in ("prob", "logit"):  # a model with itself is the model; a zero weight drops a model
         alone = ensemble_probs([model], [1.0], ["identity"], mode, skewed)
         assert np.allclose(ensemble_probs([model, model], [1.0, 1.0], ["identity"], mode, skewed), alone, atol=1e-6)
