@@ -10,6 +10,7 @@ import torch
 
 from components.calibration import apply_calibration, fit_logit_adjustment, macro_f1
 from components.config import load_config
+from components.data.manifest import Manifest
 from components.data.sampling import AUG_SEED_COLUMN, plan_sampling, sample_row_group
 from components.errors import UserError
 
@@ -221,6 +222,64 @@ def test_tune_search_spaces_take_sampling_ema_head_and_tau(tmp_path):
         from components.config import resolve_defaults
 
         resolve_defaults(apply_sample(load_config(None, {}), {"model.head": "mlp"}))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A small prepared CXR-LT 2023 dataset: what a sweep's loss is built against."""
+    from components.data.prepare import PrepareOptions, prepare_dataset
+
+    from . import formats
+
+    root = tmp_path_factory.mktemp("space")
+    formats.cxr_lt_2023(root / "src")
+    prepare_dataset(PrepareOptions("cxr-lt-2023", str(root / "src"), image_size=32), root / "data", log=lambda *_: None)
+    return root / "data"
+
+
+@pytest.mark.parametrize(
+    "entry,match",
+    [
+        ("optim.lr: {type: loguniform, low: 0.1}", r"'optim.lr': expected one of .* \(e.g. \{loguniform: \[1.0e-4"),
+        (
+            "optim.lr: {loguniform: [0, 1]}",
+            r"'optim.lr': loguniform takes \[low, high\] with 0 < low < high, got \[0, 1",
+        ),
+        ("loss.lamb: {uniform: [3]}", r"'loss.lamb': uniform takes \[low, high\] with low < high"),
+        ("loss.gamma_neg: {choice: []}", r"'loss.gamma_neg': choice takes a non-empty list"),
+        ("loss.nope: {uniform: [0.1, 1]}", r"'loss.nope' = 0.1: loss: loss 'ral' has no parameter\(s\) nope"),
+        ("loss.clip: {uniform: [0.0, 2.0]}", r"'loss.clip' = 2.0: loss: "),  # the high end is checked too
+        ("train.nope: {choice: [1, 2]}", r"unknown key 'train.nope'"),
+        ("model.head: {choice: [linear, mlp]}", r"'model.head' = 'mlp': model.head='mlp' is invalid"),
+        ("optim.lr: {loguniform: [1.0e-4", r"space.yaml: not valid YAML at line 3"),
+    ],
+)
+def test_a_search_space_the_trials_would_refuse_is_refused_before_the_sweep(prepared, tmp_path, entry, match):
+    """Seen: `loss.nope` or a choice of `model.head: mlp` started the sweep, and every trial then
+    failed in its Ray Train workers with a traceback; now the sweep does not start."""
+    from components.train.build import build_loss_for
+    from components.tune.space import check_search_space, load_search_space
+
+    manifest = Manifest.load(prepared)
+    cfg = load_config(None, {"data": {"path": str(prepared)}, "loss": {"name": "ral"}})
+    override = tmp_path / "space.yaml"
+    override.write_text(f"ral:\n  {entry}\n")
+    with pytest.raises(UserError, match=match):
+        check_search_space(load_search_space("ral", str(override)), cfg, lambda probe: build_loss_for(probe, manifest))
+
+
+def test_every_packaged_search_space_passes_its_own_check(prepared):
+    import yaml
+
+    from components.train.build import build_loss_for
+    from components.tune.space import DEFAULT_SPACES, check_search_space, load_search_space
+
+    manifest = Manifest.load(prepared)
+    losses = list(yaml.safe_load(DEFAULT_SPACES.read_text()))
+    assert {"ral", "asl", "bce"} <= set(losses)
+    for loss in losses:
+        cfg = load_config(None, {"data": {"path": str(prepared)}, "loss": {"name": loss}})
+        check_search_space(load_search_space(loss), cfg, lambda probe: build_loss_for(probe, manifest))
 
 
 def test_packaged_recipes_load_by_name():

@@ -525,6 +525,20 @@ def test_predict_actors_must_leave_a_cpu_to_read_images(monkeypatch):
                     "has 2); an autoscaling cluster adds nodes"]  # fmt: skip
 
 
+def test_a_search_space_no_trial_could_run_is_refused_before_the_sweep_opens_a_run(sweep_cfg, tmp_path):
+    import mlflow
+
+    import components.tune.sweep as sweep
+
+    space = tmp_path / "space.yaml"
+    space.write_text("ral:\n  loss.nope: {uniform: [0.1, 1.0]}\n")
+    opts = sweep.SweepOptions(num_samples=1, max_epochs=1, search_space=str(space))
+    with pytest.raises(UserError, match="search space 'loss.nope' = 0.1: loss: loss 'ral' has no parameter"):
+        sweep.run_sweep(sweep_cfg, opts, log=lambda *_: None)
+    exp = mlflow.MlflowClient(sweep_cfg.tracking.tracking_uri).get_experiment_by_name("ralflow")
+    assert exp is None or mlflow.MlflowClient(sweep_cfg.tracking.tracking_uri).search_runs([exp.experiment_id]) == []
+
+
 def test_a_refused_sweep_leaves_its_run_as_it_was_and_one_that_fails_to_start_ends_failed(sweep_cfg, monkeypatch):
     """Seen: `tune --num-workers 2 --cpus-per-worker 1` on 2 CPUs was refused after its parent run
     was opened, and that run stayed RUNNING; the same sweep run again without --resume reopened its

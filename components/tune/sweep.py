@@ -20,6 +20,7 @@ from ..config import Config, setting
 from ..data.manifest import Manifest
 from ..errors import UserError
 from ..tracking import TrackedRun, check_tracking_uri
+from ..train.build import build_loss_for
 from ..train.resources import check_resources
 from ..train.trainer import (
     STORAGE_TAG,
@@ -32,7 +33,7 @@ from ..train.trainer import (
     storage_dir_of,
 )
 from .report import trials_csv, trials_plot, trials_table
-from .space import apply_sample, load_search_space, to_tune
+from .space import apply_sample, check_search_space, load_search_space, to_tune
 
 
 @dataclass
@@ -316,6 +317,7 @@ def run_sweep(
     cfg.train.epochs = opts.max_epochs
     manifest = load_dataset(cfg)
     space = load_search_space(cfg.loss.name, opts.search_space)
+    check_search_space(space, cfg, lambda probe: build_loss_for(probe, manifest))  # here, not in every trial
     name = opts.name or sweep_name(cfg, opts.num_samples, space, manifest.dataset_sha256)
     storage, uri = cfg.tracking.storage_path, cfg.tracking.tracking_uri
     check_tracking_uri(uri)
