@@ -247,20 +247,30 @@ def check_value(origin: str, section: str, section_type: type, name: str, value:
     raise UserError(f"{origin}: {section}.{name}={value!r} is not {kind}", field=f"{section}.{name}")
 
 
+def closest(name: str, known, prefix: str = "") -> str:
+    """`` (did you mean 'train.epochs'?; known: ...)``: the nearest known name first, then all, sorted."""
+    import difflib
+
+    names = sorted(known)
+    near = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    hint = f"did you mean '{prefix}{near[0]}'?; " if near else ""
+    return f" ({hint}known: {', '.join(names)})"
+
+
 def merge(cfg: Config, overrides: dict, origin: str) -> Config:
     """Apply a nested dict (from YAML or flags); unknown sections/keys and values of the wrong
     type are errors naming them."""
     known_sections = sections()
     for section, values in (overrides or {}).items():
         if section not in known_sections:
-            raise UserError(f"{origin}: unknown section '{section}' (known: {', '.join(known_sections)})")
+            raise UserError(f"{origin}: unknown section '{section}'{closest(section, known_sections)}")
         if not isinstance(values, dict):
             raise UserError(f"{origin}: section '{section}' must be a mapping")
         target = getattr(cfg, section)
         known = {f.name for f in dataclasses.fields(target)}
         for key, value in values.items():
             if key not in known:
-                raise UserError(f"{origin}: unknown key '{section}.{key}' (known: {', '.join(known)})")
+                raise UserError(f"{origin}: unknown key '{section}.{key}'{closest(key, known, f'{section}.')}")
             value = check_value(origin, section, type(target), key, value)
             if key == "params":
                 target.params = {**target.params, **value}

@@ -71,8 +71,9 @@ def test_run_name_changes_with_what_defines_the_run(tmp_path):
 @pytest.mark.parametrize(
     "text,match",
     [
-        ("modle: {name: x}\n", "unknown section 'modle'"),
-        ("train: {epoch: 3}\n", r"unknown key 'train.epoch'.*epochs"),
+        ("modle: {name: x}\n", r"unknown section 'modle' \(did you mean 'model'\?; known: data, loss, model"),
+        ("train: {epoch: 3}\n", r"unknown key 'train.epoch' \(did you mean 'train.epochs'\?; known: accumulate_steps"),
+        ("train: {zzz: 3}\n", r"unknown key 'train.zzz' \(known: accumulate_steps, amp, "),  # nothing close: no guess
         ("train: [1, 2]\n", "must be a mapping"),
         ("train: {amp: fp8}\n", "train.amp='fp8'"),
         ("optim: {lr: abc}\n", "optim.lr='abc' is not a number"),
