@@ -33,8 +33,8 @@ def run_pipeline(opts: PipelineOptions, address: str | None = None, log=print) -
     """Run every stage; returns what the summary shows (sweep, promotion, submission, metrics)."""
     from .config import load_config
     from .data.manifest import MANIFEST, Manifest
-    from .data.prepare import PrepareOptions, prepare_dataset
-    from .data.synth import SynthOptions, write_synthetic_cxr_lt
+    from .data.prepare import PrepareOptions, check_output_folder, prepare_dataset
+    from .data.synth import SynthOptions, check_synth_options, write_synthetic_cxr_lt
     from .predict import PredictOptions, predict
     from .promote import PromoteOptions, promote
     from .runtime import init_ray, map_with_ray_data
@@ -53,22 +53,23 @@ def run_pipeline(opts: PipelineOptions, address: str | None = None, log=print) -
     if not source:
         source, fmt = str(work / "synth"), "cxr-lt-2023"
         step(1, f"synthetic CXR-LT 2023 data: {opts.num_images} images at {opts.synth_size}px -> {source}")
+        synth_opts = SynthOptions(num_images=opts.num_images, image_size=opts.synth_size, seed=opts.seed)
         if (work / "synth" / "development.csv").exists():
+            check_synth_options(work / "synth", synth_opts)  # other sizes on a re-run: refused, not ignored
             log("synth: already written, reusing")
         else:
-            write_synthetic_cxr_lt(
-                source, SynthOptions(num_images=opts.num_images, image_size=opts.synth_size, seed=opts.seed)
-            )
+            write_synthetic_cxr_lt(source, synth_opts)
     else:
         step(1, f"using {fmt} data at {source}")
     init_ray(address, log=log)
     data = work / "data"
     step(2, f"prepare -> {data}")
-    if (data / MANIFEST).exists() and Manifest.load(data).source["root"] == str(Path(source).resolve()):
+    prepare_opts = PrepareOptions(fmt, source, image_size=opts.image_size, rows_per_shard=512)
+    if (data / MANIFEST).exists():
+        check_output_folder(data, prepare_opts)  # another source or size on a re-run: refused, not ignored
         log("prepare: dataset already complete, reusing")
         manifest = Manifest.load(data)
     else:
-        prepare_opts = PrepareOptions(fmt, source, image_size=opts.image_size, rows_per_shard=512)
         manifest = prepare_dataset(prepare_opts, data, map_shards=map_with_ray_data, log=log)
 
     step(3, f"tune {opts.loss}: {opts.num_samples} trials x up to {opts.max_epochs} epochs ({opts.model})")

@@ -375,3 +375,24 @@ def test_decode_transform_chunks_fit_the_cache_budget_and_do_not_change_the_resu
     chunked.CACHE_BYTES = 4 * (64 * 64 + 3 * 40 * 40) * 4  # 4 images per chunk: 4 + 4 + 4 + 1
     assert whole.chunk_size(64) >= 13 and chunked.chunk_size(64) == 4
     np.testing.assert_array_equal(chunked(batch)["image"], whole(batch)["image"])
+
+
+def test_a_pipeline_rerun_with_other_sizes_is_refused_not_served_the_old_data(tmp_path, monkeypatch):
+    """`ralflow run` reuses the data of its workdir; asked for other sizes it said "already
+    written, reusing" and trained on the old images. Now it names what differs, before any Ray."""
+    import components.runtime as runtime
+    from components.pipeline import PipelineOptions, run_pipeline
+
+    work = tmp_path / "work"
+    write_synthetic_cxr_lt(work / "synth", SynthOptions(num_images=60, image_size=32, seed=0), progress=None)
+    said = []
+    monkeypatch.setattr(runtime, "init_ray", lambda *a, **k: said.append("ray"))
+    same_synth = {"workdir": str(work), "num_images": 60, "synth_size": 32, "seed": 0}
+    with pytest.raises(UserError, match=r"synthetic data written with other options \{'num_images': \(60, 80\)\}"):
+        run_pipeline(PipelineOptions(**{**same_synth, "num_images": 80}), log=said.append)
+    assert "ray" not in said and "synth: already written, reusing" not in said
+    prepare_dataset(PrepareOptions("cxr-lt-2023", str(work / "synth"), image_size=32, rows_per_shard=512),
+                    work / "data", log=lambda *_: None)  # fmt: skip
+    with pytest.raises(UserError, match=r"prepared with other options \{'image_size': \(32, 40\)\}"):
+        run_pipeline(PipelineOptions(**same_synth, image_size=40), log=said.append)
+    assert "synth: already written, reusing" in said and "prepare: dataset already complete, reusing" not in said

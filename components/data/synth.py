@@ -206,6 +206,22 @@ def check_synth_folder(out: Path) -> None:
         )
 
 
+def check_synth_options(out: Path, opts: SynthOptions) -> None:
+    """Data synth wrote in ``out`` may be reused only for the same options (``workers`` aside:
+    how fast, not what): a re-run asking for other sizes must not get the old images silently."""
+    try:
+        before = json.loads((Path(out) / SYNTH_MARKER).read_text())
+    except (OSError, ValueError):
+        before = {}
+    wanted = {k: v for k, v in dataclasses.asdict(opts).items() if k != "workers"}
+    if diff := {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}:
+        raise UserError(
+            f"{out} holds synthetic data written with other options {diff} (old, new); "
+            "use another folder, or the options it was written with",
+            field="num_images",
+        )
+
+
 def write_synthetic_cxr_lt(out: str | Path, opts: SynthOptions, progress=print) -> dict:
     """Write ``train.csv``, ``development.csv`` and JPEGs under ``out``; return a summary."""
     if opts.num_images < 10:
