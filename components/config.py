@@ -257,6 +257,12 @@ def closest(name: str, known, prefix: str = "") -> str:
     return f" ({hint}known: {', '.join(names)})"
 
 
+def changed_options(before: dict, wanted: dict) -> dict:
+    """``{name: (old, new)}`` for each option in ``wanted`` that ``before`` (what a folder was
+    written with) does not hold the same: what a refusal to reuse that folder names."""
+    return {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}
+
+
 def merge(cfg: Config, overrides: dict, origin: str) -> Config:
     """Apply a nested dict (from YAML or flags); unknown sections/keys and values of the wrong
     type are errors naming them."""

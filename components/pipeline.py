@@ -34,7 +34,7 @@ def run_pipeline(opts: PipelineOptions, address: str | None = None, log=print) -
     from .config import load_config
     from .data.manifest import MANIFEST, Manifest
     from .data.prepare import PrepareOptions, check_output_folder, prepare_dataset
-    from .data.synth import SynthOptions, check_synth_options, write_synthetic_cxr_lt
+    from .data.synth import SynthOptions, check_synth_folder, write_synthetic_cxr_lt
     from .predict import PredictOptions, predict
     from .promote import PromoteOptions, promote
     from .runtime import init_ray, map_with_ray_data
@@ -55,7 +55,7 @@ def run_pipeline(opts: PipelineOptions, address: str | None = None, log=print) -
         step(1, f"synthetic CXR-LT 2023 data: {opts.num_images} images at {opts.synth_size}px -> {source}")
         synth_opts = SynthOptions(num_images=opts.num_images, image_size=opts.synth_size, seed=opts.seed)
         if (work / "synth" / "development.csv").exists():
-            check_synth_options(work / "synth", synth_opts)  # other sizes on a re-run: refused, not ignored
+            check_synth_folder(work / "synth", synth_opts)  # other sizes on a re-run: refused, not ignored
             log("synth: already written, reusing")
         else:
             write_synthetic_cxr_lt(source, synth_opts)

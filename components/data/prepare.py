@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import setting
+from ..config import changed_options, setting
 from ..errors import UserError
 from .images import RESIZE_MODES, encode_jpeg, read_or_reason
 from .labels import UNCERTAIN_POLICIES, LabelPolicy, frequency_groups
@@ -196,7 +196,7 @@ def check_output_folder(out: Path, opts: PrepareOptions) -> None:
             )
         return
     previous["source"] = str(Path(previous.get("source", "")).expanduser().resolve())
-    if diff := {k: (previous.get(k), v) for k, v in opts.shard_options().items() if previous.get(k) != v}:
+    if diff := changed_options(previous, opts.shard_options()):
         raise UserError(
             f"out {out} holds a dataset prepared with other options {diff} (old, new); use another folder", field="out"
         )

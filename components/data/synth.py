@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import setting
+from ..config import changed_options, setting
 from ..errors import UserError
 from .labels import CXR_LT_2023_COUNTS, CXR_LT_2023_NUM_TRAIN
 
@@ -191,34 +191,35 @@ def _render_chunk(args) -> None:
 SYNTH_MARKER = ".ralflow-synth.json"
 
 
-def check_synth_folder(out: Path) -> None:
+def check_synth_folder(out: Path, opts: SynthOptions | None = None) -> None:
     """A folder with other files is not written into: synth's train.csv and development.csv are
-    the names of the real CXR-LT 2023 label files, which it would replace."""
-    if not out.is_dir() or (out / SYNTH_MARKER).exists():
+    the names of the real CXR-LT 2023 label files, which it would replace. With ``opts``, data
+    synth wrote there may be reused only for the same options (``workers`` aside: how fast, not
+    what): a re-run asking for other sizes must not get the old images silently."""
+    if not out.is_dir():
         return
-    held = sorted((p.name for p in out.iterdir()), key=lambda n: (n.startswith("."), n))  # hidden ones last
-    if held:
-        raise UserError(
-            f"out {out} is not empty and was not written by synth (it holds {', '.join(held[:3])}"
-            f"{', ...' if len(held) > 3 else ''}); synth writes train.csv, development.csv and files/ there: "
-            "use a new or empty folder",
-            field="out",
-        )
-
-
-def check_synth_options(out: Path, opts: SynthOptions) -> None:
-    """Data synth wrote in ``out`` may be reused only for the same options (``workers`` aside:
-    how fast, not what): a re-run asking for other sizes must not get the old images silently."""
     try:
-        before = json.loads((Path(out) / SYNTH_MARKER).read_text())
+        before = json.loads((out / SYNTH_MARKER).read_text())
+    except FileNotFoundError:
+        held = sorted((p.name for p in out.iterdir()), key=lambda n: (n.startswith("."), n))  # hidden ones last
+        if held:
+            raise UserError(
+                f"out {out} is not empty and was not written by synth (it holds {', '.join(held[:3])}"
+                f"{', ...' if len(held) > 3 else ''}); synth writes train.csv, development.csv and files/ there: "
+                "use a new or empty folder",
+                field="out",
+            ) from None
+        return
     except (OSError, ValueError):
-        before = {}
+        before = {}  # unreadable: its options are unknown, so nothing matches them
+    if opts is None:
+        return
     wanted = {k: v for k, v in dataclasses.asdict(opts).items() if k != "workers"}
-    if diff := {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}:
+    if diff := changed_options(before, wanted):
         raise UserError(
             f"{out} holds synthetic data written with other options {diff} (old, new); "
             "use another folder, or the options it was written with",
-            field="num_images",
+            field="out",  # the folder is what to change; `ralflow run` names its sizes otherwise
         )
 
 

@@ -336,9 +336,9 @@ def run_ends_if_this_fails(run: TrackedRun, log=print, stopping=None, failed: st
         )
         if before_end is not None:
             before_end(status, reason)
-        if run.ended is not None:
-            pass
-        elif not interrupted and stopping is not None and stopping():
+        if run.ended is not None:  # a guard inside ended it, with its own reason
+            raise
+        if not interrupted and stopping is not None and stopping():
             log(f"[train] stopped on purpose ({first_line(exc)}); the run is left for the caller to close")
         else:
             run.finish(status, reason)

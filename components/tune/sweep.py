@@ -180,12 +180,9 @@ def close_running_trials(parent: TrackedRun, sweep: str, reason: str) -> None:
         TrackedRun(parent.tracking_uri, child.info.run_id).finish("KILLED", reason)
 
 
-def check_sweep_folder(resume: bool, storage: str, name: str) -> None:
-    """--resume needs the sweep's saved state; a new sweep must not start over one. Checked before
-    the parent run is opened, so that a refusal leaves the sweep's run as it was."""
-    from ray import tune
-
-    exists = tune.Tuner.can_restore(f"{storage}/{name}")
+def check_sweep_folder(resume: bool, exists: bool, storage: str, name: str) -> None:
+    """--resume needs the sweep's saved state (``exists``); a new sweep must not start over one.
+    Checked before the parent run is opened, so that a refusal leaves the sweep's run as it was."""
     if resume and not exists:
         raise UserError(
             f"resume: no sweep '{name}' to resume under {storage} (same settings as the first run?)", field="resume"
@@ -327,10 +324,11 @@ def run_sweep(
         "ralflow.dataset_sha256": manifest.dataset_sha256,
     }
     identity = {"ralflow.dataset_sha256": manifest.dataset_sha256, STORAGE_TAG: f"{storage}/{name}"}
-    if resume_if_exists and tune.Tuner.can_restore(f"{storage}/{name}"):
+    exists = tune.Tuner.can_restore(f"{storage}/{name}")
+    if resume_if_exists and exists:
         opts = replace(opts, resume=True)
     # What can refuse the sweep comes before its parent run is opened: a refusal leaves it as it was.
-    check_sweep_folder(opts.resume, storage, name)
+    check_sweep_folder(opts.resume, exists, storage, name)
     init_ray(address, log=log)
     check_resources(cfg, log)
     check_shared_path(storage, "tracking.storage_path", field="tracking.storage_path")
