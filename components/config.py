@@ -328,16 +328,15 @@ def resolve_defaults(cfg: Config) -> Config:
     """Fill the machine-dependent defaults (paths under the working directory) and check values
     against their declared choices and ranges. Done once, on the driver; the run name, which
     depends on the dataset, is set when the dataset is loaded."""
+    from .paths import canonical
+
     t = cfg.tracking
     t.tracking_uri = t.tracking_uri or default_tracking_uri()
-    if not t.storage_path:
-        t.storage_path = str(Path(os.getcwd()).resolve() / "ralflow-runs")
-    elif "://" not in t.storage_path:
-        t.storage_path = str(Path(t.storage_path).expanduser().resolve())
+    t.storage_path = canonical(t.storage_path) if t.storage_path else str(Path(os.getcwd()).resolve() / "ralflow-runs")
     if cfg.data.sampling is None:  # re-sampling beat the seed spread in bench/ablation.py (README)
         cfg.data.sampling = "class-aware" if cfg.train.head_only else "repeat-factor"
-    if cfg.data.path and "://" not in cfg.data.path:
-        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
+    if cfg.data.path:
+        cfg.data.path = canonical(cfg.data.path)
     for section, section_type in sections().items():
         for f in dataclasses.fields(section_type):
             value, choices = getattr(getattr(cfg, section), f.name), f.metadata.get("choices")

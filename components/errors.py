@@ -18,3 +18,9 @@ class UserError(Exception):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: an error named in one line (a run's end reason, a log)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

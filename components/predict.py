@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +259,7 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
 
     from .config import default_tracking_uri
     from .metrics import multilabel_metrics
+    from .paths import local_path
     from .runtime import init_ray
     from .tracking import TrackedRun, check_tracking_uri
 
@@ -267,6 +268,9 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
     for name, value in (("actors", opts.actors), ("batch_size", opts.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{name}={value} is invalid; allowed: >= 1", field=name)
+    opts = replace(  # CSV files and images are read, and the CSV written, on this machine
+        opts, out=str(local_path(opts.out, "out")), source=opts.source and str(local_path(opts.source, "source"))
+    )
     if Path(opts.out).is_dir():
         raise UserError(f"out {opts.out} is a folder; give the CSV file to write", field="out")
     uri = opts.tracking_uri or default_tracking_uri()

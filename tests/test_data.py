@@ -396,3 +396,53 @@ def test_a_pipeline_rerun_with_other_sizes_is_refused_not_served_the_old_data(tm
     with pytest.raises(UserError, match=r"prepared with other options \{'image_size': \(32, 40\)\}"):
         run_pipeline(PipelineOptions(**same_synth, image_size=40), log=said.append)
     assert "synth: already written, reusing" in said and "prepare: dataset already complete, reusing" not in said
+
+
+def test_paths_may_be_file_uris_and_object_store_uris_only_where_they_are_read(tmp_path, monkeypatch):
+    """`ralflow synth --out file:///x` wrote a folder named `file:` in the working directory, and
+    `prepare --source file:///x` failed inside a Ray task. A `file://` URI is its local path;
+    a prepared dataset is read through pyarrow at any URI; what must write or read local files
+    refuses an object-store URI, naming the flag, before anything is written."""
+    import pyarrow as pa
+
+    from components.config import load_config, resolve_defaults
+    from components.data.ingest import read_row_group, row_groups
+    from components.data.sampling import read_split_labels
+    from components.predict import PredictOptions, predict
+
+    monkeypatch.chdir(tmp_path)  # where `file:` would have appeared
+    src, data = tmp_path / "src", tmp_path / "data"
+    write_synthetic_cxr_lt(f"file://{src}", SynthOptions(num_images=40, image_size=32, seed=0), progress=None)
+    prepare_dataset(PrepareOptions("cxr-lt-2023", f"file://{src}", image_size=32), f"file://{data}", **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "src"]
+
+    local, uri = Manifest.load(data), Manifest.load(f"file://{data}")  # through pyarrow's URI path
+    assert uri.dataset_sha256 == local.dataset_sha256 and uri.root == f"file://{data}"
+    assert uri.verify(full=True) == len(uri.shards)
+    paths = uri.shard_paths("train")
+    assert all(p.startswith("file:///") for p in paths)
+    items = row_groups(paths)
+    batch = pa.table({k: [item[k] for item in items] for k in ("path", "row_group", "index")})
+    read = read_row_group(batch, ["image_id", "labels"])
+    assert read.num_rows == local.splits["train"].num_images
+    np.testing.assert_array_equal(read_split_labels(paths)[0], read_split_labels(local.shard_paths("train"))[0])
+    with pytest.raises(UserError, match="no manifest.json"):
+        Manifest.load(f"file://{tmp_path}/nowhere")
+
+    where = {"data": {"path": f"file://{data}"}, "tracking": {"storage_path": "runs"}}
+    cfg = resolve_defaults(load_config(None, where))
+    assert (cfg.data.path, cfg.tracking.storage_path) == (str(data), str(tmp_path / "runs"))  # one run identity
+    cfg = resolve_defaults(load_config(None, {"data": {"path": "s3://bucket/data"}}))
+    assert cfg.data.path == "s3://bucket/data"
+
+    for call, field in [
+        (lambda: write_synthetic_cxr_lt("s3://bucket/synth", SynthOptions(num_images=40), progress=None), "out"),
+        (lambda: prepare_dataset(PrepareOptions("cxr-lt-2023", "gs://bucket/src"), tmp_path / "d2", **QUIET), "source"),
+        (lambda: prepare_dataset(PrepareOptions("cxr-lt-2023", str(src)), "s3://bucket/d2", **QUIET), "out"),
+        (lambda: predict(PredictOptions(["runs:/0/model"], "s3://bucket/sub.csv", data=str(data))), "out"),
+        (lambda: predict(PredictOptions(["runs:/0/model"], "sub.csv", source="gs://bucket/src")), "source"),
+    ]:
+        with pytest.raises(UserError, match="must be a local or mounted path, not a URI") as err:
+            call()
+        assert err.value.field == field
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "src"]

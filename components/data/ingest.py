@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .manifest import Manifest, filesystem_for
+from ..paths import filesystem_for
+from .manifest import Manifest
 from .sampling import AUG_SEED_COLUMN, SamplingPlan, sample_row_group
 
 

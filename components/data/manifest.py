@@ -15,7 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, first_line
+from ..paths import filesystem_for
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -25,13 +26,6 @@ VERIFIED = ".verified.json"  # shards whose SHA-256 was checked, by size and mod
 def dataset_checksum(label_names: list[str], shard_sha256s: list[str]) -> str:
     """A dataset's identity: its label names and its shards' checksums."""
     return hashlib.sha256(json.dumps([list(label_names), list(shard_sha256s)]).encode()).hexdigest()
-
-
-def filesystem_for(path: str):
-    """(pyarrow filesystem, path inside it) for a local path or any URI pyarrow understands."""
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
 
 
 @dataclass(frozen=True)
@@ -68,16 +62,25 @@ class Manifest:
 
     @classmethod
     def load(cls, data_dir: str | Path) -> Manifest:
-        path = Path(data_dir) / MANIFEST
-        if not path.is_file():
+        """The manifest of a local folder or of a URI pyarrow reads (``s3://``, ``gs://``,
+        ``file://``): training and prediction read shards where they are."""
+        root = str(data_dir)
+        where = f"{root.rstrip('/')}/{MANIFEST}"
+        try:
+            fs, inner = filesystem_for(where)
+            with fs.open_input_stream(inner) as f:
+                text = f.read().decode()
+        except FileNotFoundError:
             raise UserError(
                 f"{data_dir}: no {MANIFEST} (not a prepared dataset, or preparation did not finish; "
                 "run `ralflow prepare`)"
-            )
+            ) from None
+        except (OSError, ValueError) as exc:  # an unknown scheme, a bucket not reachable, no credentials
+            raise UserError(f"{where}: cannot read it ({first_line(exc)})") from None
         try:
-            return cls.from_dict(json.loads(path.read_text()), root=str(data_dir))
+            return cls.from_dict(json.loads(text), root=root)
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise UserError(f"{path}: not a valid ralflow manifest ({type(exc).__name__}: {exc})") from None
+            raise UserError(f"{where}: not a valid ralflow manifest ({type(exc).__name__}: {exc})") from None
 
     @classmethod
     def from_dict(cls, d: dict, root: str = "") -> Manifest:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from ..config import changed_options, setting
 from ..errors import UserError
+from ..paths import local_path
 from .images import RESIZE_MODES, encode_jpeg, read_or_reason
 from .labels import UNCERTAIN_POLICIES, LabelPolicy, frequency_groups
 from .manifest import (
@@ -256,9 +257,14 @@ def build_manifest(table: SourceTable, opts: PrepareOptions, results: list[dict]
 def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable | None = None, log=print) -> Manifest:
     """Read the source, write the shards (``map_shards(fn, shards)`` runs them in parallel;
     default: in this process), then ``rejects.csv`` and ``manifest.json``. Returns the manifest."""
-    opts = dataclasses.replace(opts, source=str(Path(opts.source).expanduser().resolve()))  # "dir/" == "dir"
+    source = local_path(opts.source, "source").resolve()
+    opts = dataclasses.replace(opts, source=str(source))  # "dir/" == "dir"
     opts.validate()
-    out = Path(out)
+    out = local_path(
+        out,
+        "out",
+        "; prepare a local or mounted folder, then copy it there: training and prediction read --data from a URI",
+    )
     check_output_folder(out, opts)
     policy = LabelPolicy(opts.uncertain, opts.blank)
     table = read_source(

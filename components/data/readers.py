@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..paths import local_path
 from .labels import CXR_LT_2024, LabelPolicy, label_set
 
 FORMATS = ("cxr-lt-2023", "cxr-lt-2024", "nih", "chexpert")
@@ -349,7 +350,7 @@ READERS = {"cxr-lt-2023": read_cxr_lt_2023, "cxr-lt-2024": read_cxr_lt_2024, "ni
 def read_source(fmt: str, source: str | Path, policy: LabelPolicy | None = None, **options) -> SourceTable:
     if fmt not in READERS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    root = Path(source).expanduser().resolve()
+    root = local_path(source, "source").resolve()
     if not root.is_dir():
         raise UserError(f"source {source}: not a directory", field="source")
     table = READERS[fmt](root, policy or LabelPolicy(), **options)

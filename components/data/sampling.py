@@ -134,7 +134,7 @@ def read_split_labels(paths: list[str]):
     """(labels, masks) of every image in these shards, reading only those columns."""
     import pyarrow.parquet as pq
 
-    from .manifest import filesystem_for
+    from ..paths import filesystem_for
 
     labels, masks = [], []
     for path in paths:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import Config, save_yaml
 from ..data.manifest import Manifest
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..metrics import fmt
 from ..tracking import TrackedRun, check_tracking_uri, per_class_chart, per_class_table, sqlite_folder
 from .loop import TrainJob, train_loop_per_worker
@@ -285,11 +285,6 @@ def sampling_plan(cfg: Config, manifest: Manifest, log=print):
         f"-> {after['tail']:.4f}, head {before['head']:.4f} -> {after['head']:.4f}"
     )
     return plan
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def fit_interruptibly(trainer):
