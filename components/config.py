@@ -328,7 +328,7 @@ def resolve_defaults(cfg: Config) -> Config:
     """Fill the machine-dependent defaults (paths under the working directory) and check values
     against their declared choices and ranges. Done once, on the driver; the run name, which
     depends on the dataset, is set when the dataset is loaded."""
-    from .paths import canonical
+    from .paths import canonical, local_path
 
     t = cfg.tracking
     t.tracking_uri = t.tracking_uri or default_tracking_uri()
@@ -337,6 +337,9 @@ def resolve_defaults(cfg: Config) -> Config:
         cfg.data.sampling = "class-aware" if cfg.train.head_only else "repeat-factor"
     if cfg.data.path:
         cfg.data.path = canonical(cfg.data.path)
+    if cfg.model.pretrained_path:  # read by each worker, whose working directory is not this one
+        where = local_path(cfg.model.pretrained_path, "model.pretrained_path", "; use a file every node can read")
+        cfg.model.pretrained_path = str(where.resolve())
     for section, section_type in sections().items():
         for f in dataclasses.fields(section_type):
             value, choices = getattr(getattr(cfg, section), f.name), f.metadata.get("choices")

@@ -429,9 +429,14 @@ def test_paths_may_be_file_uris_and_object_store_uris_only_where_they_are_read(t
     with pytest.raises(UserError, match="no manifest.json"):
         Manifest.load(f"file://{tmp_path}/nowhere")
 
-    where = {"data": {"path": f"file://{data}"}, "tracking": {"storage_path": "runs"}}
+    where = {
+        "data": {"path": f"file://{data}"},
+        "tracking": {"storage_path": "runs"},
+        "model": {"pretrained_path": "w.pt"},
+    }
     cfg = resolve_defaults(load_config(None, where))
     assert (cfg.data.path, cfg.tracking.storage_path) == (str(data), str(tmp_path / "runs"))  # one run identity
+    assert cfg.model.pretrained_path == str(tmp_path / "w.pt")  # workers run elsewhere: relative failed there
     cfg = resolve_defaults(load_config(None, {"data": {"path": "s3://bucket/data"}}))
     assert cfg.data.path == "s3://bucket/data"
 
@@ -441,6 +446,10 @@ def test_paths_may_be_file_uris_and_object_store_uris_only_where_they_are_read(t
         (lambda: prepare_dataset(PrepareOptions("cxr-lt-2023", str(src)), "s3://bucket/d2", **QUIET), "out"),
         (lambda: predict(PredictOptions(["runs:/0/model"], "s3://bucket/sub.csv", data=str(data))), "out"),
         (lambda: predict(PredictOptions(["runs:/0/model"], "sub.csv", source="gs://bucket/src")), "source"),
+        (
+            lambda: resolve_defaults(load_config(None, {"model": {"pretrained_path": "s3://b/w.pt"}})),
+            "model.pretrained_path",
+        ),
     ]:
         with pytest.raises(UserError, match="must be a local or mounted path, not a URI") as err:
             call()

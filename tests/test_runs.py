@@ -392,6 +392,55 @@ def test_a_fit_stopped_on_purpose_leaves_its_run_to_the_caller(tmp_path, monkeyp
         assert run.get().info.status == status
 
 
+def test_a_user_mistake_a_worker_finds_ends_the_run_saying_what_it_is(tmp_path, monkeypatch):
+    """A worker's UserError (a weights file its node cannot see) reached the CLI as a traceback of
+    "WorkerGroupError: Training failed due to worker errors:", the run's whole end reason. Now it
+    is that UserError, naming the rank, in the driver's thread and in a Tune trial's alike."""
+    import threading
+
+    import ray.train
+
+    import components.train.trainer as trainer
+
+    def build(job, **kw):
+        def fit():
+            failures = {1: UserError("model.pretrained_path /w.pt: file not found", field="model.pretrained_path"),
+                        0: RuntimeError("the process group broke after rank 1 left")}  # fmt: skip
+            raise ray.train.WorkerGroupError("Traceback ...", failures)
+
+        return types.SimpleNamespace(fit=fit)
+
+    monkeypatch.setattr(trainer, "build_trainer", build)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for where in ("main", "trial"):
+        run = TrackedRun.create(uri, "ralflow", f"r-{where}")
+        job = types.SimpleNamespace(run=run, storage_dir=str(tmp_path), cfg=load_config(None, {}))
+        raised = []
+
+        def fit_and_keep(job=job, raised=raised):
+            try:
+                trainer.fit_and_log(job, lambda *_: None)
+            except BaseException as error:  # checked below, in the test's thread
+                raised.append(error)
+
+        if where == "main":
+            fit_and_keep()
+        else:
+            thread = threading.Thread(target=fit_and_keep)
+            thread.start()
+            thread.join()
+        (exc,) = raised
+        assert isinstance(exc, UserError) and exc.field == "model.pretrained_path"
+        assert str(exc) == "model.pretrained_path /w.pt: file not found (training worker rank 1)"
+        assert isinstance(exc.__cause__, ray.train.WorkerGroupError)
+        got = run.get()
+        assert got.info.status == "FAILED"
+        assert got.data.tags["ralflow.end_reason"] == f"training failed: UserError: {exc}"
+
+    other = ray.train.WorkerGroupError("Traceback ...", {0: RuntimeError("CUDA error: an illegal memory access")})
+    assert trainer.user_error_of_workers(other) is other  # a bug keeps Ray's error and its traceback
+
+
 @pytest.mark.parametrize("epochs", [1, 2, 3, 4, 8])
 def test_asha_stops_trials_that_fall_behind_but_never_at_their_last_epoch(epochs):
     """A stop on the report that ends a trial's last epoch saves no training and cuts the trial

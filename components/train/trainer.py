@@ -287,8 +287,22 @@ def sampling_plan(cfg: Config, manifest: Manifest, log=print):
     return plan
 
 
+def user_error_of_workers(exc: BaseException) -> BaseException:
+    """A user mistake a training worker found (a weights file its node cannot see, a bad shard)
+    as that ``UserError``, naming the first rank that raised it: one line on the CLI and in the
+    run's end reason, not "WorkerGroupError: Training failed due to worker errors:" and a traceback."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        if isinstance(failure, UserError):
+            found = UserError(f"{failure} (training worker rank {rank})", field=failure.field)
+            found.__cause__ = exc
+            return found
+    return exc
+
+
 def fit_interruptibly(trainer):
-    """``trainer.fit()`` where Ctrl-C and SIGTERM reach the caller as KeyboardInterrupt.
+    """``trainer.fit()`` where Ctrl-C and SIGTERM reach the caller as KeyboardInterrupt, and a
+    worker's ``UserError`` as itself.
 
     Called from the main thread, Ray Train installs its own SIGINT handler, which aborts the run
     and exits the process without a word; from another thread (as in a Tune trial) it does not.
@@ -297,7 +311,10 @@ def fit_interruptibly(trainer):
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except Exception as exc:
+            raise user_error_of_workers(exc)  # noqa: B904 - it is exc, or names exc as its cause
     outcome: dict = {}
 
     def fit() -> None:
@@ -311,7 +328,7 @@ def fit_interruptibly(trainer):
     while thread.is_alive():
         thread.join(0.5)
     if "error" in outcome:
-        raise outcome["error"]
+        raise user_error_of_workers(outcome["error"])
     return outcome["result"]
 
 
