@@ -124,10 +124,12 @@ def timm_pretrained_state(name: str) -> dict:
     try:
         return timm.create_model(name, pretrained=True).state_dict()
     except Exception as exc:  # noqa: BLE001 - hub unreachable, no cache, no weights for the name
+        published = timm.models.get_pretrained_cfg(name)  # 'resnet50' is timm/resnet50.a1_in1k on the Hub
+        hub_id = getattr(published, "hf_hub_id", None) or f"timm/{name}"
         raise UserError(
             f"model.pretrained: cannot get timm's pretrained weights for '{name}' ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). On a machine without internet, fetch them "
-            f"where there is (`huggingface-cli download timm/{name}`) into the Hugging Face cache (HF_HOME) "
+            f"where there is (`huggingface-cli download {hub_id}`) into the Hugging Face cache (HF_HOME) "
             "this machine reads, or save them to a file and use model.pretrained_path",
             field="model.pretrained",
         ) from None
