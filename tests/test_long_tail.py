@@ -247,8 +247,8 @@ def prepared(tmp_path_factory):
         ),
         ("loss.lamb: {uniform: [3]}", r"'loss.lamb': uniform takes \[low, high\] with low < high"),
         ("loss.gamma_neg: {choice: []}", r"'loss.gamma_neg': choice takes a non-empty list"),
-        ("loss.nope: {uniform: [0.1, 1]}", r"'loss.nope' = 0.1: loss: loss 'ral' has no parameter\(s\) nope"),
-        ("loss.clip: {uniform: [0.0, 2.0]}", r"'loss.clip' = 2.0: loss: "),  # the high end is checked too
+        ("loss.nope: {uniform: [0.1, 1]}", r"'loss.nope' = 0.1: loss 'ral' has no parameter\(s\) nope"),
+        ("loss.clip: {uniform: [0.0, 2.0]}", r"'loss.clip' = 2.0: loss 'ral': parameter clip=2.0"),  # the high end too
         ("train.nope: {choice: [1, 2]}", r"unknown key 'train.nope'"),
         ("model.head: {choice: [linear, mlp]}", r"'model.head' = 'mlp': model.head='mlp' is invalid"),
         ("optim.lr: {loguniform: [1.0e-4", r"space.yaml: not valid YAML at line 3"),

@@ -582,7 +582,7 @@ def test_a_search_space_no_trial_could_run_is_refused_before_the_sweep_opens_a_r
     space = tmp_path / "space.yaml"
     space.write_text("ral:\n  loss.nope: {uniform: [0.1, 1.0]}\n")
     opts = sweep.SweepOptions(num_samples=1, max_epochs=1, search_space=str(space))
-    with pytest.raises(UserError, match="search space 'loss.nope' = 0.1: loss: loss 'ral' has no parameter"):
+    with pytest.raises(UserError, match="search space 'loss.nope' = 0.1: loss 'ral' has no parameter"):
         sweep.run_sweep(sweep_cfg, opts, log=lambda *_: None)
     exp = mlflow.MlflowClient(sweep_cfg.tracking.tracking_uri).get_experiment_by_name("ralflow")
     assert exp is None or mlflow.MlflowClient(sweep_cfg.tracking.tracking_uri).search_runs([exp.experiment_id]) == []

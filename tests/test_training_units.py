@@ -117,6 +117,23 @@ def test_loss_statistics_come_from_the_manifest():
     assert loss_params_for(cfg, manifest) == {"beta": 0.99, "class_counts": [40, 2]}
 
 
+def test_a_bad_loss_or_loss_parameter_names_its_own_flag():
+    """A bad --loss-param was reported as the loss's fault ("loss: loss 'ral': ... (flag --loss)")."""
+    from components.config import Config
+    from components.train.build import build_loss_for
+
+    manifest, cfg = tiny_manifest({"a": 40, "b": 2}), Config()
+    for name, params, field, message in (
+        ("nope", {}, "loss.name", "unknown loss 'nope'; registered losses: bce"),
+        ("ral", {"gamma_neg": "abc"}, "loss.params", "loss 'ral': parameter gamma_neg='abc' is invalid"),
+        ("ral", {"nope": 1}, "loss.params", r"loss 'ral' has no parameter\(s\) nope"),
+    ):
+        cfg.loss.name, cfg.loss.params = name, params
+        with pytest.raises(UserError, match=f"^{message}") as err:
+            build_loss_for(cfg, manifest)
+        assert err.value.field == field
+
+
 def test_amp_policy():
     import torch
 

@@ -23,12 +23,16 @@ def loss_params_for(cfg: Config, manifest: Manifest) -> dict:
 
 
 def build_loss_for(cfg: Config, manifest: Manifest):
-    from ..losses import build_loss
+    from ..losses import build_loss, get_loss_class
 
     try:
-        return build_loss(cfg.loss.name, **loss_params_for(cfg, manifest))
+        get_loss_class(cfg.loss.name)
     except ValueError as exc:
-        raise UserError(f"loss: {exc}", field="loss.name") from None
+        raise UserError(str(exc), field="loss.name") from None
+    try:
+        return build_loss(cfg.loss.name, **loss_params_for(cfg, manifest))
+    except ValueError as exc:  # the loss names the parameter at fault
+        raise UserError(str(exc), field="loss.params") from None
 
 
 def build_model_for(cfg: Config, num_classes: int):
