@@ -157,10 +157,30 @@ class TrainConfig:
 TRACKING_URI_DEFAULT = "(default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)"
 
 
-def default_tracking_uri() -> str:
+# Set by `ralflow submit` in its jobs, whose working directory is a copy of the code that Ray
+# deletes in time: no default may put runs, checkpoints or the registry there.
+SUBMITTED_ENV = "RALFLOW_SUBMITTED_JOB"
+
+
+def working_folder(field: str, what: str, instead: str) -> Path:
+    """The current directory, where ``field`` defaults to keeping ``what``; refused in a
+    submitted job, naming the setting to give ``instead``."""
+    if os.environ.get(SUBMITTED_ENV):
+        raise UserError(
+            f"{field} is required in a job sent by `ralflow submit`: by default {what} would go to the job's "
+            f"working directory, a temporary copy of the code; give {instead}",
+            field=field,
+        )
+    return Path(os.getcwd()).resolve()
+
+
+def default_tracking_uri(field: str = "tracking_uri") -> str:
     """MLflow's own convention first: MLFLOW_TRACKING_URI, which the KubeRay manifests, the
     launcher YAML's head and cluster/local.sh set for their jobs; else a SQLite store here."""
-    return os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{Path(os.getcwd()).resolve() / 'mlflow.db'}"
+    if uri := os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        return uri
+    here = working_folder(field, "MLflow's runs and registry", "an MLflow server (or set MLFLOW_TRACKING_URI)")
+    return f"sqlite:///{here / 'mlflow.db'}"
 
 
 @dataclass
@@ -331,8 +351,11 @@ def resolve_defaults(cfg: Config) -> Config:
     from .paths import canonical, local_path
 
     t = cfg.tracking
-    t.tracking_uri = t.tracking_uri or default_tracking_uri()
-    t.storage_path = canonical(t.storage_path) if t.storage_path else str(Path(os.getcwd()).resolve() / "ralflow-runs")
+    t.tracking_uri = t.tracking_uri or default_tracking_uri("tracking.tracking_uri")
+    if not t.storage_path:
+        here = working_folder("tracking.storage_path", "the checkpoints", "a folder every node sees, or s3://...")
+        t.storage_path = str(here / "ralflow-runs")
+    t.storage_path = canonical(t.storage_path)
     if cfg.data.sampling is None:  # re-sampling beat the seed spread in bench/ablation.py (README)
         cfg.data.sampling = "class-aware" if cfg.train.head_only else "repeat-factor"
     if cfg.data.path:

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import SUBMITTED_ENV
 from .errors import UserError
 from .runtime import auth_env, token_available
 
@@ -25,6 +26,44 @@ EXCLUDES = [
     "*.egg-info/",
 ]
 PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
+# Flags whose value is a local path the job reads or writes. The job runs in a copy of the code,
+# not in the folder the user typed them in, so relative ones are made absolute here.
+PATH_FLAGS = ("--data", "--source", "--out", "--storage-path", "--workdir", "--pretrained-path", "--search-space")
+
+
+def absolute_paths(args: list[str], here: Path) -> tuple[list[str], list[str]]:
+    """``args`` with relative paths made absolute against ``here`` (the submitter's folder):
+    path flags, ``--config`` files (not recipe names) and ``sqlite:///`` stores. Returns the
+    new arguments and one note per change."""
+    takes_path = (*PATH_FLAGS, "--config", "--tracking-uri")
+    out, notes, flag = [], [], None
+    for arg in args:
+        if flag is not None:  # the value of the flag before it
+            name, value, prefix = flag, arg, ""
+        elif arg.startswith("--") and "=" in arg:  # --data=DIR
+            name, value = arg.split("=", 1)
+            prefix = f"{name}="
+        else:
+            out.append(arg)
+            flag = arg if arg in takes_path else None
+            continue
+        flag = None
+        new = absolute_value(name, value, here)
+        out.append(prefix + new)
+        if new != value:
+            notes.append(f"{name} {value} -> {new}")
+    return out, notes
+
+
+def absolute_value(flag: str, value: str, here: Path) -> str:
+    if flag == "--tracking-uri":
+        rest = value[len("sqlite:///") :] if value.startswith("sqlite:///") else None
+        return value if rest is None or rest.startswith("/") else f"sqlite:///{here / rest}"
+    if flag == "--config" and not value.endswith((".yaml", ".yml")) and "/" not in value:
+        return value  # a packaged recipe's name
+    if "://" in value or value.startswith(("/", "~")) or flag not in (*PATH_FLAGS, "--config"):
+        return value
+    return str(here / value)
 
 
 def jobs_address(address: str | None) -> str:
@@ -137,7 +176,7 @@ def submit(
 
     # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default, 3, is too
     # short for a sweep to let Tune stop its trials and close their MLflow runs).
-    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": "30"}
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": "30", SUBMITTED_ENV: "1"}
     for item in env or []:
         k, sep, v = item.partition("=")
         if not sep:
@@ -147,6 +186,9 @@ def submit(
     if pip:
         runtime_env["pip"] = pip
     workflow_args = workflow_args[1:] if workflow_args[:1] == ["--"] else workflow_args
+    workflow_args, notes = absolute_paths(workflow_args, Path.cwd())
+    for note in notes:
+        print(f"submit: {note} (the job runs in a copy of the code, not in this folder)", flush=True)
     entrypoint = " ".join([shlex.quote(python), "-m", f"workflows.{workflow}", *map(shlex.quote, workflow_args)])
     client = jobs_client(JobSubmissionClient, address)
     job_id = submit_with_retry(client, entrypoint, runtime_env, job_id)

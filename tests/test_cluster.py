@@ -107,15 +107,17 @@ def test_submit_to_two_node_cluster_with_mlflow_server(local_cluster, tiny_datas
         "--config",
         str(spread),  # no --tracking-uri: the cluster's MLFLOW_TRACKING_URI is the default, as on KubeRay
         "--storage-path",
-        str(storage),
+        storage.name,  # relative to where the user is: the job's own folder is elsewhere
         "--run-name",
         "cluster-test",
         "--experiment",
         "cluster",
         env={**env, "RAY_ADDRESS": "http://127.0.0.1:9"},  # an exported address elsewhere: --address wins
+        cwd=storage.parent,
         timeout=900,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert f"submit: --storage-path {storage.name} -> {storage} (the job runs in a copy" in r.stdout
     run_id = re.search(r"run id: (\w+)", r.stdout).group(1)
     assert re.search(r"job \S+ SUCCEEDED", r.stdout)
 

@@ -328,6 +328,40 @@ def test_submit_sends_the_job_to_the_address_given_whatever_the_environment_says
     assert os.environ["RAY_ADDRESS"] == os.environ["RAY_API_SERVER_ADDRESS"] == elsewhere  # left as found
 
 
+def test_a_submitted_job_gets_absolute_paths_and_no_defaults_in_its_temporary_folder(monkeypatch, tmp_path):
+    """A job runs in a copy of the code that Ray deletes in time: `--data data` pointed into it,
+    and a train without --storage-path (or a tracking URI) kept its checkpoints (or its MLflow
+    store) there. Relative paths are made absolute where the user typed them; such defaults are
+    refused in the job, naming the flag."""
+    from components.config import SUBMITTED_ENV, default_tracking_uri, load_config
+    from components.submit import absolute_paths
+
+    here = Path("/home/u/project")
+    args = ["--data", "data", "--epochs", "3", "--out=sub.csv", "--config", "cxr-lt-2023-gpu", "--source", "/abs",
+            "--storage-path", "s3://b/runs", "--tracking-uri", "sqlite:///mlflow.db", "--config=my.yaml",
+            "--search-space", "~/space.yaml", "--model", "data", "--pretrained-path"]  # fmt: skip
+    new, notes = absolute_paths(args, here)
+    assert new == ["--data", "/home/u/project/data", "--epochs", "3", "--out=/home/u/project/sub.csv", "--config",
+                   "cxr-lt-2023-gpu", "--source", "/abs", "--storage-path", "s3://b/runs", "--tracking-uri",
+                   "sqlite:////home/u/project/mlflow.db", "--config=/home/u/project/my.yaml",
+                   "--search-space", "~/space.yaml", "--model", "data", "--pretrained-path"]  # fmt: skip
+    assert notes[0] == "--data data -> /home/u/project/data" and len(notes) == 4
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert load_config(None, {}).tracking.storage_path == str(tmp_path / "ralflow-runs")  # outside a job
+    monkeypatch.setenv(SUBMITTED_ENV, "1")
+    with pytest.raises(UserError, match=r"^tracking_uri is required in a job sent by `ralflow submit`") as err:
+        default_tracking_uri()
+    assert err.value.field == "tracking_uri"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # the cluster's, as KubeRay and local.sh set
+    assert default_tracking_uri() == "http://mlflow:5000"
+    with pytest.raises(UserError, match=r"^tracking.storage_path is required .* give a folder every node sees") as err:
+        load_config(None, {})
+    assert err.value.field == "tracking.storage_path"
+    assert load_config(None, {"tracking": {"storage_path": "s3://b/runs"}}).tracking.storage_path == "s3://b/runs"
+
+
 def test_joining_a_ray_cluster_says_what_is_wrong_with_the_address(cli, tmp_path):
     """Ray waits minutes on an address where nothing listens, and refuses a dashboard URL with a
     message cut short: both fail in seconds with a line that says what to do."""
