@@ -32,6 +32,14 @@ def local_path(path: str | Path, field: str, hint: str = "") -> Path:
     return Path(text).expanduser()
 
 
+def local_folder(path: str | Path, field: str, hint: str = "") -> Path:
+    """``local_path`` for a folder to write into: an existing file there is refused, naming ``field``."""
+    folder = local_path(path, field, hint)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{field} {path} is a file, not a folder", field=field)
+    return folder
+
+
 def canonical(path: str) -> str:
     """One spelling per place (a run's identity holds it): a ``file://`` URI or a relative path
     becomes an absolute local path; other URIs stay as they are."""

@@ -34,7 +34,7 @@ def run_pipeline(opts: PipelineOptions, address: str | None = None, log=print) -
     from .data.manifest import MANIFEST, Manifest
     from .data.prepare import PrepareOptions, check_output_folder, prepare_dataset
     from .data.synth import SynthOptions, check_synth_folder, write_synthetic_cxr_lt
-    from .paths import local_path
+    from .paths import local_folder
     from .predict import PredictOptions, predict
     from .promote import PromoteOptions, promote
     from .runtime import init_ray, map_with_ray_data
@@ -42,7 +42,7 @@ def run_pipeline(opts: PipelineOptions, address: str | None = None, log=print) -
     from .tune import SweepOptions, run_sweep
 
     t_start = time.perf_counter()
-    work = local_path(opts.workdir, "workdir").resolve()
+    work = local_folder(opts.workdir, "workdir").resolve()
     work.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
 

@@ -455,3 +455,23 @@ def test_paths_may_be_file_uris_and_object_store_uris_only_where_they_are_read(t
             call()
         assert err.value.field == field
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "src"]
+
+
+def test_a_file_where_a_folder_goes_is_refused_naming_the_flag(tmp_path):
+    """`ralflow synth --out FILE` and `ralflow run --workdir FILE` ended in a FileExistsError
+    traceback; `train --data FILE` said it could not read FILE/manifest.json."""
+    from components.pipeline import PipelineOptions, run_pipeline
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for call, field in [
+        (lambda: write_synthetic_cxr_lt(a_file, SynthOptions(num_images=40), progress=None), "out"),
+        (lambda: prepare_dataset(PrepareOptions("cxr-lt-2023", str(tmp_path)), a_file, **QUIET), "out"),
+        (lambda: run_pipeline(PipelineOptions(workdir=str(a_file)), log=lambda *_: None), "workdir"),
+    ]:
+        with pytest.raises(UserError, match=f"^{field} {a_file} is a file, not a folder$") as err:
+            call()
+        assert err.value.field == field
+    with pytest.raises(UserError, match=f"^{a_file}: no manifest.json"):
+        Manifest.load(a_file)
+    assert a_file.read_text() == "mine"

@@ -70,7 +70,7 @@ class Manifest:
             fs, inner = filesystem_for(where)
             with fs.open_input_stream(inner) as f:
                 text = f.read().decode()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise UserError(
                 f"{data_dir}: no {MANIFEST} (not a prepared dataset, or preparation did not finish; "
                 "run `ralflow prepare`)"

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ..config import changed_options, setting
 from ..errors import UserError
-from ..paths import local_path
+from ..paths import local_folder, local_path
 from .images import RESIZE_MODES, encode_jpeg, read_or_reason
 from .labels import UNCERTAIN_POLICIES, LabelPolicy, frequency_groups
 from .manifest import (
@@ -187,8 +187,6 @@ def check_output_folder(out: Path, opts: PrepareOptions) -> None:
     not) prepared from the same options. Nothing in it is touched when it is not."""
     if not out.exists():
         return
-    if not out.is_dir():
-        raise UserError(f"out {out} is a file, not a folder", field="out")
     previous = read_json_object(out / STATE) or (read_json_object(out / MANIFEST) or {}).get("options")
     if not previous:  # no options file, and no manifest of a dataset written before it existed
         if any(out.iterdir()):
@@ -260,7 +258,7 @@ def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable 
     source = local_path(opts.source, "source").resolve()
     opts = dataclasses.replace(opts, source=str(source))  # "dir/" == "dir"
     opts.validate()
-    out = local_path(
+    out = local_folder(
         out,
         "out",
         "; prepare a local or mounted folder, then copy it there: training and prediction read --data from a URI",

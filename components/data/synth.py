@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..config import changed_options, setting
 from ..errors import UserError
-from ..paths import local_path
+from ..paths import local_folder
 from .labels import CXR_LT_2023_COUNTS, CXR_LT_2023_NUM_TRAIN
 
 LABELS = tuple(CXR_LT_2023_COUNTS)
@@ -232,7 +232,7 @@ def write_synthetic_cxr_lt(out: str | Path, opts: SynthOptions, progress=print) 
         raise UserError(f"image_size must be in [32, 2048], got {opts.image_size}", field="image_size")
     if not 0 <= opts.label_noise < 0.5:
         raise ValueError(f"label noise must be in [0, 0.5), got {opts.label_noise}")
-    out = local_path(out, "out")
+    out = local_folder(out, "out")
     check_synth_folder(out)
     out.mkdir(parents=True, exist_ok=True)  # marked first: a synth cut short may write here again
     (out / SYNTH_MARKER).write_text(json.dumps(dataclasses.asdict(opts)) + "\n")
