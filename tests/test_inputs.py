@@ -167,7 +167,14 @@ def test_missing_splits_fail_before_any_shard_is_written(tmp_path):
     formats.nih(nih)
     with pytest.raises(UserError, match=r"val_fraction: no validation images \(val_fraction is 0\)"):
         prepare_dataset(PrepareOptions("nih", str(nih), image_size=32, val_fraction=0.0), tmp_path / "o2", **QUIET)
+    with pytest.raises(UserError, match=r"none of the 2 training patients fell in the 0.1 drawn for it: raise it"):
+        prepare_dataset(PrepareOptions("nih", str(nih), image_size=32), tmp_path / "o2", **QUIET)  # too few to draw
     assert not (tmp_path / "o2").exists()
+    formats.cxr_lt_2023(tmp_path / "src2")
+    dev = tmp_path / "src2" / "development.csv"
+    dev.write_text(dev.read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match=r"no validation rows: is its validation CSV missing or empty\?"):
+        prepare_dataset(opts(tmp_path / "src2"), tmp_path / "o3", **QUIET)
 
 
 # -- 6. links and the Kaggle layouts -------------------------------------------------------------

@@ -37,7 +37,7 @@ from .manifest import (
     read_json_object,
     write_text_atomically,
 )
-from .readers import FORMATS, SourceTable, read_source
+from .readers import DRAWN_VAL, FORMATS, SourceTable, read_source
 
 STATE = ".prepare-options.json"
 REJECTS = "rejects.csv"
@@ -206,7 +206,13 @@ def check_splits(table: SourceTable, opts: PrepareOptions) -> None:
     if "train" not in table.split:
         raise UserError(f"source {opts.source}: no training rows (is the training CSV empty?)", field="source")
     if "val" not in table.split:
-        why = "val_fraction is 0" if opts.val_fraction == 0 else "the source has no validation rows"
+        patients = len({p for p, s in zip(table.patient_id, table.split) if s == "train"})
+        if opts.val_fraction == 0:
+            why = "val_fraction is 0"
+        elif opts.format in DRAWN_VAL:
+            why = f"none of the {patients} training patients fell in the {opts.val_fraction:g} drawn for it: raise it"
+        else:
+            why = "the source has no validation rows: is its validation CSV missing or empty?"
         raise UserError(f"val_fraction: no validation images ({why}); training needs some", field="val_fraction")
 
 

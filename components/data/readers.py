@@ -344,6 +344,8 @@ def read_chexpert(root: Path, policy: LabelPolicy, labels_csv: str | None = None
     return table
 
 
+# Formats without a validation split of their own: it is drawn from the training patients (val_fraction).
+DRAWN_VAL = ("nih",)
 READERS = {"cxr-lt-2023": read_cxr_lt_2023, "cxr-lt-2024": read_cxr_lt_2024, "nih": read_nih, "chexpert": read_chexpert}
 
 
