@@ -418,7 +418,13 @@ def test_paths_may_be_file_uris_and_object_store_uris_only_where_they_are_read(t
 
     local, uri = Manifest.load(data), Manifest.load(f"file://{data}")  # through pyarrow's URI path
     assert uri.dataset_sha256 == local.dataset_sha256 and uri.root == f"file://{data}"
-    assert uri.verify(full=True) == len(uri.shards)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert uri.verify() == len(uri.shards)  # hashed once, remembered in this user's cache (not in a bucket)
+    assert uri.verify() == 0 and uri.verify(full=True) == len(uri.shards)
+    shard = data / uri.shards[0].path
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # another version of it
+    assert uri.verify() == 1
+    assert len(list((tmp_path / "cache" / "ralflow" / "verified").iterdir())) == 1
     paths = uri.shard_paths("train")
     assert all(p.startswith("file:///") for p in paths)
     items = row_groups(paths)
@@ -454,7 +460,7 @@ def test_paths_may_be_file_uris_and_object_store_uris_only_where_they_are_read(t
         with pytest.raises(UserError, match="must be a local or mounted path, not a URI") as err:
             call()
         assert err.value.field == field
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "data", "src"]
 
 
 def test_a_file_where_a_folder_goes_is_refused_naming_the_flag(tmp_path):

@@ -149,11 +149,26 @@ def test_an_edited_manifest_or_a_corrupt_shard_is_refused(dataset, edit, match):
         Manifest.load(dataset).verify(full=True)
 
 
-def test_shards_are_hashed_once_per_version(dataset):
+def test_shards_are_hashed_once_per_version(dataset, monkeypatch, tmp_path):
+    import components.data.manifest as manifest_module
+
     manifest = Manifest.load(dataset)
     assert manifest.verify() == len(manifest.shards)
     assert manifest.verify() == 0  # remembered by size and modification time
     assert manifest.verify(full=True) == len(manifest.shards)
+    # a dataset this user cannot write (a read-only mount) is remembered in the user's cache instead
+    (dataset / manifest_module.VERIFIED).unlink()
+    write = manifest_module.write_text_atomically
+
+    def read_only_beside_the_dataset(path, text):
+        if path.parent == dataset:
+            raise PermissionError(13, "Permission denied", str(path))
+        write(path, text)
+
+    monkeypatch.setattr(manifest_module, "write_text_atomically", read_only_beside_the_dataset)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert manifest.verify() == len(manifest.shards) and manifest.verify() == 0
+    assert not (dataset / manifest_module.VERIFIED).exists()
     shard = dataset / manifest.shards[0].path
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")  # a new version of the file
     with pytest.raises(UserError, match="its SHA-256 differs"):

@@ -120,8 +120,8 @@ class Manifest:
 
     def verify(self, full: bool = False) -> int:
         """Check that the dataset is what its manifest says, before any training on it: the
-        checksum against the shard list, each shard's SHA-256 (once per file version: a local
-        dataset remembers the shards it checked in ``.verified.json``; ``full`` checks all again),
+        checksum against the shard list, each shard's SHA-256 (once per file version: the shards
+        checked are remembered, see ``verified_records``; ``full`` checks all again),
         the label width and the image size. Returns how many shards were hashed now."""
         where = f"{self.root}/{MANIFEST}"
         if dataset_checksum(self.label_names, [s.sha256 for s in self.shards]) != self.dataset_sha256:
@@ -129,8 +129,10 @@ class Manifest:
                 f"{where}: dataset_sha256 does not match its label names and shard checksums (edited?); "
                 "prepare the dataset again"
             )
-        local = "://" not in self.root
-        cache = {} if full or not local else (read_json_object(Path(self.root) / VERIFIED) or {})
+        records = verified_records(self.root)
+        cache = {}  # a shard's entry counts only while its size and time still match: any record will do
+        for record in records if not full else []:
+            cache.update(read_json_object(record) or {})
         hashed = 0
         for shard in self.shards:
             path = f"{self.root.rstrip('/')}/{shard.path}"
@@ -138,8 +140,8 @@ class Manifest:
             info = fs.get_file_info(inner)
             if info.size is None:
                 raise UserError(f"{path}: shard listed in {MANIFEST} is missing; prepare the dataset again")
-            stamp = [info.size, info.mtime_ns, shard.sha256]
-            if cache.get(shard.path) == stamp:
+            stamp = [info.size, info.mtime_ns, shard.sha256] if info.mtime_ns is not None else None
+            if stamp is not None and cache.get(shard.path) == stamp:
                 continue
             h = hashlib.sha256()
             with fs.open_input_stream(inner) as f:
@@ -152,11 +154,13 @@ class Manifest:
                 )
             cache[shard.path] = stamp
             hashed += 1
-        if local and hashed:
+        for record in records if hashed else []:
             try:
-                write_text_atomically(Path(self.root) / VERIFIED, json.dumps(cache))
-            except OSError:  # a read-only dataset: verified again next time
-                pass
+                record.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomically(record, json.dumps(cache))
+                break
+            except OSError:  # a read-only dataset: this user's cache instead
+                continue
         self.check_shards()
         return hashed
 
@@ -204,6 +208,15 @@ class Manifest:
         if not paths:
             raise UserError(f"{self.root}: the prepared dataset has no '{split}' images")
         return paths
+
+
+def verified_records(root: str) -> list[Path]:
+    """Where the shards already hashed are remembered, in the order tried: beside a local dataset;
+    in this user's cache for a dataset in a bucket or in a folder this user cannot write (each
+    run would otherwise read the whole dataset through the driver again before training)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ralflow" / "verified"
+    mine = cache / f"{hashlib.sha256(root.rstrip('/').encode()).hexdigest()[:24]}.json"
+    return [mine] if "://" in root else [Path(root) / VERIFIED, mine]
 
 
 def write_text_atomically(path: Path, text: str) -> None:
