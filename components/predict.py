@@ -259,7 +259,7 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
 
     from .config import default_tracking_uri
     from .metrics import multilabel_metrics
-    from .paths import local_path
+    from .paths import canonical, local_path
     from .runtime import init_ray
     from .tracking import TrackedRun, check_tracking_uri
 
@@ -269,7 +269,10 @@ def predict(opts: PredictOptions, address: str | None = None, log=print) -> dict
         if value is not None and value < 1:
             raise UserError(f"{name}={value} is invalid; allowed: >= 1", field=name)
     opts = replace(  # CSV files and images are read, and the CSV written, on this machine
-        opts, out=str(local_path(opts.out, "out")), source=opts.source and str(local_path(opts.source, "source"))
+        opts,
+        out=str(local_path(opts.out, "out")),
+        source=opts.source and str(local_path(opts.source, "source")),
+        data=opts.data and canonical(opts.data),  # shards are read by tasks on any node, from their own folder
     )
     if Path(opts.out).is_dir():
         raise UserError(f"out {opts.out} is a folder; give the CSV file to write", field="out")
