@@ -34,6 +34,7 @@ def run(args) -> int:
         f"best trial: {out['best_trial']} val mAP {out['best_val_mAP']:.4f} run {out['best_run_id']} "
         f"params {out['best_params']}"
     )
+    print("  (ranked by each trial's best epoch, whose model is logged; Tune's table above shows last epochs)")
     return 0
 
 
