@@ -244,8 +244,7 @@ def build_tuner(cfg: Config, opts: SweepOptions, trainable, space: dict, name: s
             mode="max",
             num_samples=opts.num_samples,
             search_alg=searcher,
-            scheduler=scheduler,
-            max_concurrent_trials=concurrent,
+            scheduler=scheduler,  # concurrency: the searcher's ConcurrencyLimiter (Tune warns when both say it)
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
     )
