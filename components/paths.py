@@ -43,4 +43,6 @@ def local_folder(path: str | Path, field: str, hint: str = "") -> Path:
 def canonical(path: str) -> str:
     """One spelling per place (a run's identity holds it): a ``file://`` URI or a relative path
     becomes an absolute local path; other URIs stay as they are."""
-    return path if "://" in path and not path.startswith("file://") else str(local_path(path, "path").resolve())
+    if "://" in path and not path.startswith("file://"):
+        return path.rstrip("/")  # s3://b/data/ is s3://b/data
+    return str(local_path(path, "path").resolve())

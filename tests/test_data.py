@@ -443,7 +443,7 @@ def test_paths_may_be_file_uris_and_object_store_uris_only_where_they_are_read(t
     cfg = resolve_defaults(load_config(None, where))
     assert (cfg.data.path, cfg.tracking.storage_path) == (str(data), str(tmp_path / "runs"))  # one run identity
     assert cfg.model.pretrained_path == str(tmp_path / "w.pt")  # workers run elsewhere: relative failed there
-    cfg = resolve_defaults(load_config(None, {"data": {"path": "s3://bucket/data"}}))
+    cfg = resolve_defaults(load_config(None, {"data": {"path": "s3://bucket/data/"}}))
     assert cfg.data.path == "s3://bucket/data"
 
     for call, field in [
