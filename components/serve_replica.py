@@ -61,9 +61,9 @@ class ChampionService:
             )
         if request.method != "POST" or path not in ("predict", ""):
             return JSONResponse({"error": "POST an image file to /predict, or GET /health"}, status_code=404)
-        body = await request.body()
-        if not body:
-            return JSONResponse({"error": "empty request body: POST the image file's bytes"}, status_code=400)
+        body, error = await image_bytes(request)
+        if error:
+            return JSONResponse({"error": error}, status_code=400)
         from components.data.images import ImageRejected
         from components.models.pyfunc import decode_column
 
@@ -97,3 +97,21 @@ class ChampionService:
             for i, p in zip(rows, probs):
                 out[i] = (p, model)
         return out
+
+
+async def image_bytes(request) -> tuple[bytes, str | None]:
+    """The image a request carries: its body (``curl --data-binary @film.dcm``), or the one file
+    of a form upload (``curl -F file=@film.dcm``, ``requests.post(url, files=...)``, a browser
+    form), parsed by Starlette; (bytes, None), or (b"", what is wrong)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        body = await request.body()
+        return body, None if body else "empty request body: POST the image file's bytes"
+    form = await request.form()
+    try:
+        files = [value for _, value in form.multi_items() if hasattr(value, "read")]
+        if len(files) != 1:
+            return b"", f"a form upload must hold one image file, got {len(files)}"
+        body = await files[0].read()
+    finally:
+        await form.close()
+    return body, None if body else f"the uploaded file {files[0].filename!r} is empty"

@@ -228,6 +228,12 @@ def test_ralflow_serve_answers_follows_the_champion_and_survives_a_broken_dicom(
             assert status == 200 and answer["version"] == "1", answer
             assert list(answer["findings"]) == LABELS
             assert np.allclose(list(answer["findings"].values()), expected[i % len(films)], atol=2e-6)
+        import requests  # a form upload (curl -F, requests' files=, a browser form) was "undecodable"
+
+        form = requests.post(f"{base}/predict", files={"file": ("film.dcm", films[0])}, timeout=60)
+        assert form.status_code == 200 and np.allclose(list(form.json()["findings"].values()), expected[0], atol=2e-6)
+        two = requests.post(f"{base}/predict", files={"a": ("1.dcm", films[0]), "b": ("2.dcm", films[1])}, timeout=60)
+        assert two.status_code == 400 and two.json() == {"error": "a form upload must hold one image file, got 2"}
 
         broken = formats.dicom_bytes(formats.film12(), pixel_data=False)
         status, answer = post(f"{base}/predict", broken)
