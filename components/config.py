@@ -63,7 +63,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = setting("", flag="--data", help="prepared dataset folder (manifest.json)")
+    path: str = setting(
+        "", flag="--data", help="prepared dataset (manifest.json): a folder, or a URI such as s3://bucket/data"
+    )
     image_size: int | None = setting(None, help="training image side in px (default: the prepared size)")
     crop_scale_min: float = setting(0.75, help="random resized crop: smallest area fraction")
     rotation_degrees: float = setting(7.0, help="random rotation range in degrees")
@@ -191,7 +193,7 @@ class TrackingConfig:
         None, help="Ray Train / MLflow run name (default: from the config; stable => resumable)"
     )
     storage_path: str | None = setting(
-        None, help="Ray Train storage (default <cwd>/ralflow-runs; shared on multi-node)"
+        None, help="Ray Train storage: a folder or a URI (default <cwd>/ralflow-runs; shared on multi-node)"
     )
 
 

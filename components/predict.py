@@ -32,7 +32,7 @@ class PredictOptions:
         help="e.g. models:/ralflow-cxr@champion or runs:/<id>/model; repeat it for an ensemble"
     )
     out: str = setting(help="submission CSV to write")
-    data: str | None = setting(None, help="prepared dataset folder (manifest.json)")
+    data: str | None = setting(None, help="prepared dataset (manifest.json): a folder, or a URI such as s3://b/data")
     split: str | None = setting(None, help="split to score (default: test if present, else val)")
     source: str | None = setting(None, help="instead of --data: a dataset root with its CSV files and images")
     format: str = setting("cxr-lt-2023", help="format of --source")
