@@ -191,6 +191,41 @@ def test_interrupted_prepare_resumes_to_the_same_dataset(tmp_path):
         prepare_dataset(opts(src, image_size=48), out, **QUIET)
 
 
+def test_a_source_edited_since_is_prepared_again_not_served_from_old_shards(tmp_path):
+    """Complete shards were kept by name: after a label corrected in the CSV (or rows removed), a
+    re-run wrote a manifest of the new source over shards of the old one. Now a shard is current
+    only while its rows are what the source says; others are written again, extra ones removed."""
+    import csv as csv_module
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    formats.cxr_lt_2023(src)
+    first = prepare_dataset(opts(src), out, **QUIET)
+    rows = list(csv_module.reader((src / "train.csv").open()))
+    header, body = rows[0], rows[1:]
+    column = header.index("Pneumonia")
+    body[4][column] = "1" if body[4][column] == "0" else "0"  # a label corrected in row 5 (shard train-00002)
+    formats.write_csv(src / "train.csv", header, body)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    logs = []
+    again = prepare_dataset(opts(src), out, log=logs.append)
+    assert any("4 already complete, 1 written again (the source's rows or labels changed" in line for line in logs)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    assert [name for name in before if after[name] != before[name]] == ["train-00002.parquet"]
+    assert again.dataset_sha256 != first.dataset_sha256
+    assert again.splits["train"].class_counts["Pneumonia"] != first.splits["train"].class_counts["Pneumonia"]
+    table = pq.read_table(out / "train-00002.parquet", columns=["image_id", "labels"])
+    stored = dict(zip(table.column("image_id").to_pylist(), table.column("labels").to_pylist()))
+    assert stored[body[4][0]][again.label_names.index("Pneumonia")] == float(body[4][column])
+
+    formats.write_csv(src / "train.csv", header, body[:2])  # rows removed: one training shard left
+    logs.clear()
+    third = prepare_dataset(opts(src), out, log=logs.append)
+    assert sorted(p.name for p in out.glob("train-*.parquet")) == ["train-00000.parquet"]
+    assert any("removed 2 shard(s) the source no longer fills: train-00001.parquet, train-00002.parquet" in line
+               for line in logs)  # fmt: skip
+    assert third.splits["train"].num_images == 2 and Manifest.load(out).verify(full=True) == len(third.shards)
+
+
 def test_ignore_policy_mask_reaches_the_shards(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     formats.chexpert(src)

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,16 +143,49 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# What a shard stores of each planned row besides its image: a shard is current only while these
+# are what the source says now (a label corrected in the CSV, a row added or removed).
+ROW_FIELDS = ("image_id", "patient_id", "study_id", "view", "source_path", "labels", "mask")
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    values = [[row[k] for k in ROW_FIELDS] for row in rows]
+    return hashlib.sha256(json.dumps(values, default=lambda v: v.tolist()).encode()).hexdigest()
+
+
+def finished_shard(out_dir: Path, shard: dict) -> dict | None:
+    """The record of a shard written before from the same planned rows, or None: not written,
+    cut short, or written from another version of the source (then it is written again)."""
+    final, record = out_dir / shard["name"], out_dir / f".{shard['name']}.rejects.json"
+    if not (final.exists() and record.exists()):  # both renamed into place => complete
+        return None
+    done = read_json_object(record)
+    if done is None or done.get("rows_sha256") != rows_fingerprint(shard["rows"]):
+        return None
+    return done
+
+
+def remove_unplanned_shards(out: Path, planned: set[str], log=print) -> None:
+    """Shards an earlier version of the source needed and this one does not (rows removed): not
+    in the manifest, so never read, but a copy of the folder would carry them along."""
+    ours = re.compile(r"(train|val|test)-\d{5}\.parquet")  # plan_shards' names
+    extra = sorted(p for p in out.glob("*.parquet") if ours.fullmatch(p.name) and p.name not in planned)
+    for path in extra:
+        path.unlink()
+        (out / f".{path.name}.rejects.json").unlink(missing_ok=True)
+    if extra:
+        log(f"prepare: removed {len(extra)} shard(s) the source no longer fills: {', '.join(p.name for p in extra)}")
+
+
 def write_shard(shard: dict, out: str, opts: PrepareOptions, num_classes: int) -> dict:
     """Process one planned shard (skipped if already complete); returns its summary."""
     out_dir = Path(out)
     final = out_dir / shard["name"]
     rejects_file = out_dir / f".{shard['name']}.rejects.json"
-    if final.exists() and rejects_file.exists():  # both renamed into place => complete
-        done = json.loads(rejects_file.read_text())
-        done = {"rejects": done, "upscaled": 0} if isinstance(done, list) else done  # older datasets: a list
+    if (done := finished_shard(out_dir, shard)) is not None:
         rows = pq.ParquetFile(final).metadata.num_rows
-        return {"name": shard["name"], "split": shard["split"], "skipped": True, "rows": rows, **done}
+        return {"name": shard["name"], "split": shard["split"], "skipped": True, "rows": rows,
+                "rejects": done["rejects"], "upscaled": done["upscaled"]}  # fmt: skip
     cols = {k: [] for k in shard_schema(num_classes).names}
     rejects, upscaled = [], 0
     root = os.path.realpath(opts.source)
@@ -171,7 +205,8 @@ def write_shard(shard: dict, out: str, opts: PrepareOptions, num_classes: int) -
     tmp = out_dir / f".{shard['name']}.tmp"
     pq.write_table(tbl, tmp, row_group_size=opts.row_group_size, compression="zstd")
     os.replace(tmp, final)
-    write_text_atomically(rejects_file, json.dumps({"rejects": rejects, "upscaled": upscaled}))
+    record = {"rejects": rejects, "upscaled": upscaled, "rows_sha256": rows_fingerprint(shard["rows"])}
+    write_text_atomically(rejects_file, json.dumps(record))
     return {
         "name": shard["name"],
         "split": shard["split"],
@@ -287,13 +322,18 @@ def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable 
         write_text_atomically(out / STATE, json.dumps(opts.shard_options()))
     (out / MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten at the end
     plan = plan_shards(table, opts.rows_per_shard)
-    done = sum((out / s["name"]).exists() for s in plan)
-    log(f"prepare: {len(plan)} shard(s) of <= {opts.rows_per_shard} rows, {done} already complete")
+    done = sum(finished_shard(out, s) is not None for s in plan)
+    stale = sum((out / s["name"]).exists() for s in plan) - done
+    log(
+        f"prepare: {len(plan)} shard(s) of <= {opts.rows_per_shard} rows, {done} already complete"
+        + (f", {stale} written again (the source's rows or labels changed since)" if stale else "")
+    )
     n_cls = len(table.label_names)
     if map_shards is None:
         results = [write_shard(s, str(out), opts, n_cls) for s in plan]
     else:
         results = map_shards(lambda s: write_shard(s, str(out), opts, n_cls), plan)
+    remove_unplanned_shards(out, {s["name"] for s in plan}, log)
     rejects = [r for res in sorted(results, key=lambda r: r["name"]) for r in res["rejects"]]
     if rejects and opts.strict:
         r = rejects[0]
