@@ -175,6 +175,27 @@ def test_shards_are_hashed_once_per_version(dataset, monkeypatch, tmp_path):
         manifest.verify()
 
 
+def test_a_new_run_does_not_adopt_the_checkpoints_of_a_deleted_one(tmp_path):
+    """A run deleted in MLflow, then the same `ralflow train` again: the new run resumed from the
+    deleted run's checkpoints (Ray restored its snapshot) and logged no epoch of its own. The
+    folder is now moved aside whole and the new run trains from scratch; its own are resumed."""
+    from components.train.checkpoints import OWNER_FILE, save_state, set_aside_checkpoints_of_another_run
+
+    storage = tmp_path / "runs" / "ral-resnet10t-abc"
+    save_state({"run_id": "deleted", "epoch": 0}, storage / "epoch-0000")
+    save_state({"run_id": "deleted", "epoch": 1}, storage / "epoch-0001")
+    (storage / "checkpoint_manager_snapshot.json").write_text("{}")
+    (storage / "epoch-0001" / OWNER_FILE).unlink()  # written before the owner file existed: read from the state
+    assert set_aside_checkpoints_of_another_run(str(storage), "deleted") is None  # its own: resumed
+    note = set_aside_checkpoints_of_another_run(str(storage), "new")
+    aside = tmp_path / "runs" / "ral-resnet10t-abc.of-run-deleted"
+    assert note.endswith(f"moved to {aside}; training starts fresh") and not storage.exists()
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint_manager_snapshot.json", "epoch-0000", "epoch-0001"]
+    save_state({"run_id": "deleted", "epoch": 0}, storage / "epoch-0000")  # once more: kept beside the first
+    assert set_aside_checkpoints_of_another_run(str(storage), "new") and len(list(aside.parent.iterdir())) == 2
+    assert set_aside_checkpoints_of_another_run(str(tmp_path / "nothing-here"), "new") is None
+
+
 def test_the_stall_watchdog_says_what_training_waits_for():
     from components.train.loop import StallWatchdog
 

@@ -25,11 +25,58 @@ def checkpoint_folders(fs, root: str) -> list:
     ]
 
 
+OWNER_FILE = "run.json"  # the MLflow run a checkpoint belongs to, readable without loading the weights
+
+
 def save_state(state: dict, folder: str | Path) -> None:
+    import json
+
     import torch
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     torch.save(state, Path(folder) / CHECKPOINT_FILE)
+    (Path(folder) / OWNER_FILE).write_text(json.dumps({"run_id": state.get("run_id")}))
+
+
+def checkpoint_owner(fs, folder: str) -> str | None:
+    """The MLflow run id a checkpoint folder was written for (None: unreadable, or unknown)."""
+    import json
+
+    import ray.train
+
+    try:
+        with fs.open_input_stream(f"{folder}/{OWNER_FILE}") as f:
+            return json.loads(f.read()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:  # written before OWNER_FILE existed
+        return load_checkpoint_state(ray.train.Checkpoint(folder, filesystem=fs)).get("run_id")
+    except Exception:  # noqa: BLE001 - half written or unreadable
+        return None
+
+
+def set_aside_checkpoints_of_another_run(storage_dir: str, run_id: str) -> str | None:
+    """A new MLflow run whose storage folder holds another run's checkpoints (that run deleted
+    from the store, or kept in another store under the same name) would resume from them: Ray
+    restores its snapshot, and the new run would adopt another's training and miss its epochs'
+    history. The folder is moved aside whole, kept, and the run starts fresh. Returns what was done."""
+    import time
+
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage_dir)
+    folders = sorted((i.path for i in checkpoint_folders(fs, root)), reverse=True)
+    owner = next(filter(None, (checkpoint_owner(fs, folder) for folder in folders)), None)
+    if owner is None or owner == run_id:
+        return None
+    aside = f"{root}.of-run-{owner}"
+    if fs.get_file_info(aside).type != pyarrow.fs.FileType.NotFound:
+        aside = f"{aside}-{int(time.time())}"
+    fs.move(root, aside)
+    return (
+        f"[train] {storage_dir} held the checkpoints of MLflow run {owner}, not this run's (deleted from the "
+        f"store, or kept by another store under this name): moved to {aside}; training starts fresh"
+    )
 
 
 def load_checkpoint_state(checkpoint, device="cpu") -> dict:

@@ -363,9 +363,16 @@ def fit_and_log(job: TrainJob, log=print, stopping=None, **trainer_options) -> d
     when interrupted or terminated), with the reason. ``stopping``: whether a failure is only the
     caller stopping this fit on purpose (Tune stopping a trial); the run is then left for the
     caller to close."""
-    from .checkpoints import best_checkpoint_state, prune_unregistered_checkpoints, set_aside_stale_ray_snapshot
+    from .checkpoints import (
+        best_checkpoint_state,
+        prune_unregistered_checkpoints,
+        set_aside_checkpoints_of_another_run,
+        set_aside_stale_ray_snapshot,
+    )
 
     with run_ends_if_this_fails(job.run, log, stopping):
+        if note := set_aside_checkpoints_of_another_run(job.storage_dir, job.run.run_id):
+            log(note)
         while True:
             if note := set_aside_stale_ray_snapshot(job.storage_dir):
                 log(note)
