@@ -172,7 +172,7 @@ def test_manifest_contents_and_shards(tmp_path):
     assert Image.open(io.BytesIO(row["image"])).size == (32, 32)
 
 
-def test_interrupted_prepare_resumes_to_the_same_dataset(tmp_path):
+def test_interrupted_prepare_resumes_to_the_same_dataset(tmp_path, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
     formats.cxr_lt_2023(src)
     full = prepare_dataset(opts(src), out, **QUIET)
@@ -189,6 +189,13 @@ def test_interrupted_prepare_resumes_to_the_same_dataset(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name in before} == before
     with pytest.raises(UserError, match="other options.*image_size"):
         prepare_dataset(opts(src, image_size=48), out, **QUIET)
+    # `ralflow run --source` checks a reused dataset without preparing: the same source spelled
+    # otherwise is the same source (a relative one was refused as "other options")
+    from components.data.prepare import check_output_folder
+
+    monkeypatch.chdir(tmp_path)
+    for spelled in ("src", "./src/", f"file://{src}"):
+        check_output_folder(out, opts(spelled))
 
 
 def test_a_source_edited_since_is_prepared_again_not_served_from_old_shards(tmp_path):

@@ -64,8 +64,10 @@ class PrepareOptions:
 
     def shard_options(self) -> dict:
         """The options that shape the shards (``strict`` only decides whether rejects fail the run):
-        a dataset resumes or is reused only with the same ones."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "strict"}
+        a dataset resumes or is reused only with the same ones. The source as one absolute path
+        ("dir/", "./dir" and "file:///…/dir" are the same source)."""
+        options = {k: v for k, v in dataclasses.asdict(self).items() if k != "strict"}
+        return {**options, "source": str(local_path(self.source, "source").resolve())}
 
     def validate(self) -> None:
         checks = [
@@ -296,8 +298,7 @@ def build_manifest(table: SourceTable, opts: PrepareOptions, results: list[dict]
 def prepare_dataset(opts: PrepareOptions, out: str | Path, map_shards: Callable | None = None, log=print) -> Manifest:
     """Read the source, write the shards (``map_shards(fn, shards)`` runs them in parallel;
     default: in this process), then ``rejects.csv`` and ``manifest.json``. Returns the manifest."""
-    source = local_path(opts.source, "source").resolve()
-    opts = dataclasses.replace(opts, source=str(source))  # "dir/" == "dir"
+    opts = dataclasses.replace(opts, source=opts.shard_options()["source"])
     opts.validate()
     out = local_folder(
         out,
