@@ -160,14 +160,14 @@ def serve_champion(opts: ServeOptions, address: str | None = None, log=print, re
     from .runtime import cluster_address, init_ray
     from .tracking import check_tracking_uri
 
-    for name, value, ok in (
-        ("replicas", opts.replicas, opts.replicas >= 1),
-        ("max_batch_size", opts.max_batch_size, opts.max_batch_size >= 1),
-        ("refresh_s", opts.refresh_s, opts.refresh_s > 0),
-        ("port", opts.port, 0 < opts.port < 65536),
+    for name, value, ok, allowed in (
+        ("replicas", opts.replicas, opts.replicas >= 1, ">= 1"),
+        ("max_batch_size", opts.max_batch_size, opts.max_batch_size >= 1, ">= 1"),
+        ("refresh_s", opts.refresh_s, opts.refresh_s > 0, "> 0"),
+        ("port", opts.port, 0 < opts.port < 65536, "1..65535"),
     ):
         if not ok:
-            raise UserError(f"{name}={value} is invalid", field=name)
+            raise UserError(f"{name}={value} is invalid; allowed: {allowed}", field=name)
     uri = opts.tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     version = check_model(opts, uri)

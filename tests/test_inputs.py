@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -269,6 +270,12 @@ def test_promote_and_predict_check_their_settings_before_any_work(tmp_path):
         predict(PredictOptions("models:/x@champion", str(tmp_path), data=str(tmp_path)))
     with pytest.raises(UserError, match=r"actors=0 is invalid"):  # not silently the default
         predict(PredictOptions("models:/x@champion", str(tmp_path / "o.csv"), data=str(tmp_path), actors=0))
+    from components.serve import ServeOptions, serve_champion
+
+    for bad, allowed in (({"replicas": 0}, ">= 1"), ({"port": 70000}, "1..65535"), ({"refresh_s": 0}, "> 0")):
+        with pytest.raises(UserError, match=f"is invalid; allowed: {re.escape(allowed)}$") as err:
+            serve_champion(ServeOptions("cxr", tracking_uri=f"sqlite:///{tmp_path}/m.db", **bad))
+        assert err.value.field == next(iter(bad))
     assert list(tmp_path.iterdir()) == []
 
 
