@@ -155,10 +155,15 @@ def rows_fingerprint(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps(values, default=lambda v: v.tolist()).encode()).hexdigest()
 
 
+def shard_record(out_dir: Path, name: str) -> Path:
+    """Beside each shard: its rejects, upscaled count and rows' fingerprint, written after it."""
+    return out_dir / f".{name}.rejects.json"
+
+
 def finished_shard(out_dir: Path, shard: dict) -> dict | None:
     """The record of a shard written before from the same planned rows, or None: not written,
     cut short, or written from another version of the source (then it is written again)."""
-    final, record = out_dir / shard["name"], out_dir / f".{shard['name']}.rejects.json"
+    final, record = out_dir / shard["name"], shard_record(out_dir, shard["name"])
     if not (final.exists() and record.exists()):  # both renamed into place => complete
         return None
     done = read_json_object(record)
@@ -174,7 +179,7 @@ def remove_unplanned_shards(out: Path, planned: set[str], log=print) -> None:
     extra = sorted(p for p in out.glob("*.parquet") if ours.fullmatch(p.name) and p.name not in planned)
     for path in extra:
         path.unlink()
-        (out / f".{path.name}.rejects.json").unlink(missing_ok=True)
+        shard_record(out, path.name).unlink(missing_ok=True)
     if extra:
         log(f"prepare: removed {len(extra)} shard(s) the source no longer fills: {', '.join(p.name for p in extra)}")
 
@@ -183,7 +188,6 @@ def write_shard(shard: dict, out: str, opts: PrepareOptions, num_classes: int) -
     """Process one planned shard (skipped if already complete); returns its summary."""
     out_dir = Path(out)
     final = out_dir / shard["name"]
-    rejects_file = out_dir / f".{shard['name']}.rejects.json"
     if (done := finished_shard(out_dir, shard)) is not None:
         rows = pq.ParquetFile(final).metadata.num_rows
         return {"name": shard["name"], "split": shard["split"], "skipped": True, "rows": rows,
@@ -208,7 +212,7 @@ def write_shard(shard: dict, out: str, opts: PrepareOptions, num_classes: int) -
     pq.write_table(tbl, tmp, row_group_size=opts.row_group_size, compression="zstd")
     os.replace(tmp, final)
     record = {"rejects": rejects, "upscaled": upscaled, "rows_sha256": rows_fingerprint(shard["rows"])}
-    write_text_atomically(rejects_file, json.dumps(record))
+    write_text_atomically(shard_record(out_dir, shard["name"]), json.dumps(record))
     return {
         "name": shard["name"],
         "split": shard["split"],
@@ -243,10 +247,10 @@ def check_splits(table: SourceTable, opts: PrepareOptions) -> None:
     if "train" not in table.split:
         raise UserError(f"source {opts.source}: no training rows (is the training CSV empty?)", field="source")
     if "val" not in table.split:
-        patients = len({p for p, s in zip(table.patient_id, table.split) if s == "train"})
         if opts.val_fraction == 0:
             why = "val_fraction is 0"
         elif opts.format in DRAWN_VAL:
+            patients = len({p for p, s in zip(table.patient_id, table.split) if s == "train"})
             why = f"none of the {patients} training patients fell in the {opts.val_fraction:g} drawn for it: raise it"
         else:
             why = "the source has no validation rows: is its validation CSV missing or empty?"
